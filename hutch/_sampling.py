@@ -1,0 +1,110 @@
+"""Probe sampling and the argument checks shared by the estimators."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("hutch")
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def resolve_generator(
+    generator: Optional[torch.Generator], seed: Optional[int], device: torch.device
+) -> tuple[torch.Generator, Optional[int]]:
+    """Return the generator to draw probes from, and the seed it started from.
+
+    A caller passes either a generator or a seed. With neither, a seed is
+    drawn from the operating system's entropy pool (never from torch's global
+    generator), logged, and returned so the result records it and the call
+    can be repeated exactly.
+    """
+    if generator is not None and seed is not None:
+        raise ValueError(
+            f"pass either generator or seed, not both; got generator={generator!r} and "
+            f"seed={seed!r}"
+        )
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator; got {type(generator).__name__}. "
+                "Pass seed=<int> to seed a new one instead"
+            )
+        return generator, None
+
+    if seed is None:
+        seed = secrets.randbits(63)
+        logger.info("no generator or seed given; drawing probes from seed %d", seed)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+
+    new_generator = torch.Generator(device=device)
+    new_generator.manual_seed(seed)
+    return new_generator, seed
+
+
+def sample_probes(
+    num_rows: int,
+    num_probes: int,
+    distribution: str,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Draw ``num_probes`` probe vectors with E[z z^T] = I as columns of a (num_rows, num_probes) tensor.
+
+    Probes are drawn on the generator's device and moved to ``device``, so a
+    seed gives the same probes whatever the operator's device, as long as
+    the generator's device is the same.
+    """
+    shape = (num_rows, num_probes)
+    if distribution == "rademacher":
+        bits = torch.randint(0, 2, shape, generator=generator, device=generator.device)
+        probes = bits.to(dtype).mul_(2).sub_(1)
+    elif distribution == "gaussian":
+        probes = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    else:
+        raise ValueError(
+            f"distribution must be one of {list(DISTRIBUTIONS)}; got {distribution!r}"
+        )
+    return probes.to(device)
+
+
+def check_distribution(distribution: str) -> None:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"distribution must be one of {list(DISTRIBUTIONS)}; got {distribution!r}"
+        )
+
+
+def check_num_matvecs(num_matvecs: int, minimum: int, method: str) -> None:
+    """Raise unless ``num_matvecs`` is an int of at least ``minimum``."""
+    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int):
+        raise TypeError(f"num_matvecs must be an int; got {type(num_matvecs).__name__} {num_matvecs!r}")
+    if num_matvecs < minimum:
+        raise ValueError(
+            f"num_matvecs={num_matvecs} is too small for {method}, which needs at least "
+            f"{minimum} matrix-vector products; raise num_matvecs"
+        )
+
+
+def check_batch_size(batch_size: Optional[int]) -> None:
+    if batch_size is None:
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"batch_size must be None or a positive int; got {batch_size!r}"
+        )
+
+
+def chunked_matmat(A, V: torch.Tensor, batch_size: Optional[int]) -> torch.Tensor:
+    """Return ``A.matmat(V)``, passing at most ``batch_size`` columns per call."""
+    if batch_size is None or V.shape[1] <= batch_size:
+        return A.matmat(V)
+    return torch.cat(
+        [A.matmat(V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)], dim=1
+    )
