@@ -1,0 +1,5 @@
+import sys
+
+from hutch.cli import main
+
+sys.exit(main())
