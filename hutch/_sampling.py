@@ -108,3 +108,21 @@ def chunked_matmat(A, V: torch.Tensor, batch_size: Optional[int]) -> torch.Tenso
     return torch.cat(
         [A.matmat(V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)], dim=1
     )
+
+
+def begin_estimate(A, generator: torch.Generator) -> None:
+    """Call ``A.begin_estimate(generator)`` if the operator has that hook.
+
+    A :class:`hutch.HessianOperator` uses it to seed the randomness of its
+    forward pass (dropout) for the whole estimate from the generator's
+    state, without drawing from the generator.
+    """
+    hook = getattr(A, "begin_estimate", None)
+    if callable(hook):
+        hook(generator)
+
+
+def operator_info(A) -> dict:
+    """Return what an estimate records about its operator: the HVP path of a Hessian operator."""
+    path = getattr(A, "hvp_path", None)
+    return {} if path is None else {"hvp_path": path}

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from hutch._sampling import check_batch_size
+from hutch._sampling import check_batch_size, operator_info
 from hutch.linop import OperatorLike, as_linear_operator
 from hutch.result import TraceEstimate
 
@@ -28,11 +28,11 @@ def exact_diagonal(A: OperatorLike, *, batch_size: Optional[int] = None) -> torc
     Returns:
         A tensor of shape ``(n,)`` on ``A.device`` with ``A.dtype``.
     """
+    check_batch_size(batch_size)
     if isinstance(A, torch.Tensor):
         as_linear_operator(A)
         return torch.diagonal(A).clone()
     A = as_linear_operator(A)
-    check_batch_size(batch_size)
     n = A.shape[0]
 
     step = batch_size or DEFAULT_UNIT_BATCH
@@ -66,6 +66,7 @@ def exact_trace(A: OperatorLike, *, batch_size: Optional[int] = None) -> float:
         >>> hutch.exact_trace(torch.diag(torch.tensor([1.0, 2.0, 3.0])))
         6.0
     """
+    check_batch_size(batch_size)
     if isinstance(A, torch.Tensor):
         as_linear_operator(A)
         return float(torch.trace(A))
@@ -77,5 +78,6 @@ def exact_estimate(A, method: str, batch_size: Optional[int]) -> TraceEstimate:
     n = A.shape[0]
     value = float(exact_diagonal(A, batch_size=batch_size).sum())
     return TraceEstimate(
-        value=value, std_error=0.0, num_matvecs=n, method=method, num_samples=n, exact=True
+        value=value, std_error=0.0, num_matvecs=n, method=method, num_samples=n, exact=True,
+        info=operator_info(A),
     )

@@ -11,6 +11,8 @@ from hutch._sampling import (
     check_batch_size,
     check_distribution,
     check_num_matvecs,
+    begin_estimate,
+    operator_info,
     resolve_generator,
     sample_probes,
 )
@@ -84,11 +86,12 @@ def hutchinson(
     check_num_matvecs(num_matvecs, 1, "hutchinson")
     check_distribution(distribution)
     check_batch_size(batch_size)
+    generator, seed = resolve_generator(generator, seed, A.device)
+    begin_estimate(A, generator)
     n = A.shape[0]
     if num_matvecs >= n:
         return exact_estimate(A, "hutchinson", batch_size)
 
-    generator, seed = resolve_generator(generator, seed, A.device)
     step = batch_size or DEFAULT_PROBE_BATCH
     terms = []
 
@@ -106,7 +109,7 @@ def hutchinson(
         method="hutchinson",
         num_samples=num_matvecs,
         seed=seed,
-        info={"distribution": distribution},
+        info={"distribution": distribution, **operator_info(A)},
     )
 
 

@@ -11,6 +11,8 @@ from hutch._sampling import (
     check_distribution,
     check_num_matvecs,
     chunked_matmat,
+    begin_estimate,
+    operator_info,
     resolve_generator,
     sample_probes,
 )
@@ -102,12 +104,13 @@ def hutchpp(
     A = as_linear_operator(A)
     check_distribution(distribution)
     check_batch_size(batch_size)
+    generator, seed = resolve_generator(generator, seed, A.device)
+    begin_estimate(A, generator)
     n = A.shape[0]
     if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs >= n:
         return exact_estimate(A, "hutchpp", batch_size)
     check_num_matvecs(num_matvecs, MIN_MATVECS, "hutchpp")
 
-    generator, seed = resolve_generator(generator, seed, A.device)
     step = batch_size or DEFAULT_PROBE_BATCH
     k = num_matvecs // 3
     r = num_matvecs - 2 * k
@@ -140,5 +143,6 @@ def hutchpp(
             "sketch_size": k,
             "residual_probes": r,
             "deflated_trace": deflated_trace,
+            **operator_info(A),
         },
     )

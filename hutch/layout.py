@@ -40,13 +40,21 @@ class ParameterLayout:
     """Ordered layout of named parameters inside flat vectors of length P.
 
     Args:
-        named_shapes: ``(name, shape)`` pairs in flat order.
+        named_shapes: ``(name, shape)`` pairs in flat order, with unique names.
+
+    Raises:
+        ValueError: If a name appears more than once.
     """
 
     def __init__(self, named_shapes: Sequence[tuple[str, Sequence[int]]]):
         slots = []
         offset = 0
         for name, shape in named_shapes:
+            if any(slot.name == name for slot in slots):
+                raise ValueError(
+                    f"parameter name {name!r} appears more than once in named_shapes; "
+                    "each name must be unique"
+                )
             shape = torch.Size(shape)
             numel = shape.numel()
             slots.append(ParameterSlot(name, shape, offset, numel))
@@ -99,7 +107,7 @@ class ParameterLayout:
         self._check_flat(flat, "flat")
         lead = flat.shape[:-1]
         return {
-            s.name: flat[..., s.offset : s.stop].reshape(*lead, *s.shape)
+            s.name: flat[..., s.offset : s.stop].reshape(lead + s.shape)
             for s in self
         }
 
@@ -143,7 +151,7 @@ class ParameterLayout:
                 f"({self.num_params}, {self.num_params}) for this layout"
             )
         r, c = self.slot(row), self.slot(col)
-        return matrix[r.offset : r.stop, c.offset : c.stop].reshape(*r.shape, *c.shape)
+        return matrix[r.offset : r.stop, c.offset : c.stop].reshape(r.shape + c.shape)
 
     def to_nested(self, matrix: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Rearrange a (P, P) matrix into ``torch.func.hessian``'s nested blocks.
