@@ -69,7 +69,7 @@ class BatchSource:
             raise ValueError("data is empty; pass at least one (inputs, targets) batch")
 
     def batches(self, device: torch.device) -> Iterator[Batch]:
-        """Yield the batches, moved to ``device``, with their sample counts."""
+        """Yield copies of the batches on ``device``, detached, with their sample counts."""
         for index, batch in enumerate(self._source):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(
@@ -79,7 +79,13 @@ class BatchSource:
                 )
             inputs, targets = batch
             num_samples = count_samples(inputs, targets, index)
-            yield Batch(inputs.to(device), targets.to(device), num_samples)
+            # Copies, so that in-place operations in the model or the loss
+            # never write into the caller's tensors.
+            yield Batch(
+                inputs.detach().to(device, copy=True),
+                targets.detach().to(device, copy=True),
+                num_samples,
+            )
 
 
 def normalize_data(data) -> BatchSource:

@@ -13,6 +13,9 @@ GPU_CHUNK_FRACTION = 0.25
 # A forward-over-reverse product keeps tangents of the parameters, of the
 # activations, of the saved tensors of the backward pass and of the gradient;
 # this factor over (parameters + activations) bounds that with some margin.
+# NOTE: reverse-over-reverse products are sized with the same factor; their
+# batched double backward also keeps per-probe tangents of the activations,
+# but the factor has not been measured for that path.
 BYTES_FACTOR = 6
 MAX_CHUNK = 256
 

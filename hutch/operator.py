@@ -3,16 +3,56 @@
 from __future__ import annotations
 
 import logging
+import math
+import secrets
+import warnings
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call
 
 from hutch._data import Batch, normalize_data
+from hutch._forward import (
+    batch_norm_overrides,
+    batch_seed,
+    frozen_randomness,
+    math_attention,
+    seed_from_generator,
+)
+from hutch._hvp import (
+    AUTO,
+    FORWARD_OVER_REVERSE,
+    HVP_PATHS,
+    PATHS,
+    REVERSE_OVER_REVERSE,
+    HVPError,
+    HVPFallbackWarning,
+    HVPMismatchError,
+    LossFunction,
+    NonFiniteHVPError,
+    PathComparison,
+    UnsupportedOperationError,
+    compare_products,
+    first_line,
+    is_autodiff_failure,
+    name_operation,
+    workaround,
+)
 from hutch._memory import default_probe_chunk
 from hutch.layout import ParameterLayout
+
+__all__ = [
+    "HessianOperator",
+    "HVP_PATHS",
+    "HVPError",
+    "HVPFallbackWarning",
+    "HVPMismatchError",
+    "NonFiniteHVPError",
+    "PathComparison",
+    "UnsupportedOperationError",
+]
 
 logger = logging.getLogger("hutch")
 
@@ -20,6 +60,9 @@ logger = logging.getLogger("hutch")
 DEFAULT_MAX_DENSE_BYTES = 2**30
 
 REDUCTIONS = ("mean", "sum")
+
+# Columns of the first product that cross_check=True runs along both paths.
+CROSS_CHECK_COLUMNS = 4
 
 
 class HessianOperator:
@@ -37,11 +80,45 @@ class HessianOperator:
     ``reduction="sum"``. Here :math:`f_\theta` is ``model`` and
     :math:`\ell` is ``loss_fn``.
 
-    Nothing of size P × P is formed. Each product :math:`H V` runs
-    ``torch.func.jvp`` of ``torch.func.grad`` of a ``functional_call`` of the
-    model (forward-over-reverse), vectorized over the columns of V with
-    ``torch.func.vmap`` in chunks of ``batch_size`` columns, and summed over
-    the data batches.
+    Nothing of size P × P is formed. Each product :math:`H V` is summed over
+    the data batches, and on each batch it runs one of two paths, vectorized
+    over the columns of V in chunks of ``batch_size`` columns:
+
+    - ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``
+      of a ``functional_call`` of the model, vectorized with
+      ``torch.func.vmap``. It is the faster path, but some operations lack
+      the forward-mode derivatives it needs: mean-reduced ``F.mse_loss``,
+      ``grid_sample``, custom ``torch.autograd.Function`` classes without a
+      ``jvp``.
+    - ``"reverse-over-reverse"``: the vector-Jacobian product of the
+      gradient, with ``torch.autograd.grad(..., is_grads_batched=True)``, or
+      one column at a time where the backward graph cannot be vectorized.
+
+    With ``hvp="auto"`` the first product tries forward-over-reverse. If it
+    fails and reverse-over-reverse succeeds, the operator warns once with an
+    :class:`~hutch.operator.HVPFallbackWarning` that names the failing
+    operation and uses reverse-over-reverse from then on. :attr:`hvp_path`
+    records the path that computed the last product. An operation that
+    supports neither path raises an
+    :class:`~hutch.operator.UnsupportedOperationError` naming it, and a
+    product with NaN or Inf entries raises a
+    :class:`~hutch.operator.NonFiniteHVPError` naming the parameters
+    involved.
+
+    Which Hessian is estimated follows the model's mode at the time of each
+    product. Batch-norm layers in training mode normalize with each data
+    batch's statistics; in eval mode, with their running statistics; the
+    running statistics are never updated. Dropout and other randomness in
+    the forward pass is frozen: data batch b draws from torch's generators
+    seeded from (forward seed, b), so every product of one estimate sees the
+    same masks, and the operator is the Hessian of the loss with those
+    masks. The forward seed is ``seed`` when given; otherwise each estimator
+    (:func:`hutch.hutchinson`, :func:`hutch.hutchpp`) derives it from its
+    own generator, so an estimate is reproducible from the estimator's seed,
+    and direct products use a seed drawn at construction. Torch's global
+    random state is restored after every product. Scaled dot-product
+    attention runs on its math backend during products, because the fused
+    kernels support neither path.
 
     Vectors are flat, of length P: the selected parameters in
     ``model.named_parameters()`` order, each flattened row-major.
@@ -51,37 +128,59 @@ class HessianOperator:
 
     Products use the parameters' values at the time of the call, so an
     operator built once keeps following a model that is being trained.
-    Device and dtype are those of the parameters; data batches are moved to
-    that device as they are read.
+    Device and dtype are those of the parameters; data batches are copied to
+    that device as they are read, so in-place operations in the model never
+    write into the caller's tensors.
 
     Args:
-        model: The model. It is only read: no parameter, buffer or ``.grad``
-            field is modified.
+        model: The model. It is only read: no parameter, buffer, ``.grad``
+            field, ``requires_grad`` flag or training flag is modified.
         loss_fn: ``loss_fn(model(inputs), targets)`` must return a 0-dim
             tensor.
         data: One ``(inputs, targets)`` batch, or an iterable of such
             batches (a list, a ``DataLoader``, a generator). A one-shot
             iterator is read once and kept in memory; a re-iterable one such
-            as a ``DataLoader`` is read again for every product.
+            as a ``DataLoader`` is read again for every product, so it must
+            yield the same batches in the same order each time (no
+            shuffling) for the products to be those of one matrix.
         params: Names of the parameters to differentiate with respect to,
             in any order (the flat order is always the model's). ``None``
             selects every parameter with ``requires_grad=True``. A named
             parameter is included even if its ``requires_grad`` is False.
-            Parameters left out, and all buffers, are held fixed.
+            Parameters left out, and all buffers, are held fixed. A
+            parameter shared by several modules is counted once, under its
+            first name.
         reduction: How ``loss_fn`` reduces over the samples of a batch:
             ``"mean"`` (batches are weighted by their size) or ``"sum"``.
         batch_size: Columns per vectorized chunk in :meth:`matmat`. ``None``
             sizes chunks from the parameter count and the activation sizes
             of one forward pass, to stay within about 1 GiB on the CPU or a
             quarter of free memory on a GPU.
+        hvp: ``"auto"`` (default), ``"forward-over-reverse"`` or
+            ``"reverse-over-reverse"``: the product path, as described
+            above. A forced path that fails raises instead of falling back.
+        seed: Seed of the forward pass's randomness, a non-negative int.
+            ``None`` lets each estimate choose it from its generator.
+        cross_check: If True, the first product also runs on the other path
+            for its first few columns, and an
+            :class:`~hutch.operator.HVPMismatchError` is raised if the two
+            disagree. :meth:`compare_paths` runs the same comparison on
+            demand.
+
+    Attributes:
+        hvp_path: Name of the path that computed the last product; ``None``
+            before the first product with ``hvp="auto"``.
+        hvp_fallback: The operation that made forward-over-reverse fail, or
+            ``None`` if it has not failed.
+        forward_seed: The seed the forward pass's randomness is drawn from.
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``, ``loss_fn`` is not
-            callable, or the parameters are not all of one real
-            floating-point dtype and one device.
+            callable, ``cross_check`` is not a bool, or the parameters are not
+            all of one real floating-point dtype and one device.
         ValueError: If a name in ``params`` is not a parameter of the model,
             no parameter is selected, ``data`` is empty or malformed, or
-            ``reduction`` is invalid.
+            ``reduction``, ``batch_size``, ``hvp`` or ``seed`` is invalid.
 
     Example:
         >>> import torch, hutch
@@ -94,6 +193,9 @@ class HessianOperator:
         (8, 8)
         >>> op.layout.names
         ['weight', 'bias']
+        >>> _ = op.matvec(torch.ones(8))
+        >>> op.hvp_path
+        'forward-over-reverse'
     """
 
     def __init__(
@@ -105,6 +207,9 @@ class HessianOperator:
         *,
         reduction: str = "mean",
         batch_size: Optional[int] = None,
+        hvp: str = AUTO,
+        seed: Optional[int] = None,
+        cross_check: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -118,6 +223,7 @@ class HessianOperator:
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
             raise ValueError(f"batch_size must be None or a positive int; got {batch_size!r}")
+        _check_hvp_options(hvp, seed, cross_check)
 
         self.model = model
         self.loss_fn = loss_fn
@@ -133,9 +239,23 @@ class HessianOperator:
         self.shape = (self.num_params, self.num_params)
         self._batch_size = batch_size
 
-        # The function transforms are built once; only their inputs change per product.
-        self._hvp_chunk = vmap(self._hvp_single, in_dims=(0, None, None, None))
-        self.hvp_path = "forward-over-reverse"
+        self.hvp = hvp
+        self._paths = {name: cls() for name, cls in PATHS.items()}
+        self._path = None if hvp == AUTO else self._paths[hvp]
+        self.hvp_fallback: Optional[str] = None
+        self.cross_check = cross_check
+        self._cross_check_pending = cross_check
+
+        self.seed = seed
+        if seed is None:
+            seed = secrets.randbits(63)
+            logger.debug("HessianOperator: forward seed %d until an estimator sets one", seed)
+        self.forward_seed = seed
+
+    @property
+    def hvp_path(self) -> Optional[str]:
+        """Name of the path that computes products; ``None`` before the first product with ``hvp="auto"``."""
+        return None if self._path is None else self._path.name
 
     # --- the loss as a function of the selected parameters -----------------
 
@@ -153,24 +273,56 @@ class HessianOperator:
         return {name: named[name].detach() for name in self._names}
 
     def batch_loss(self, params: dict[str, torch.Tensor], fixed, inputs, targets) -> torch.Tensor:
-        """Evaluate ``loss_fn`` on one batch with ``params`` substituted into the model."""
-        outputs = functional_call(self.model, (params, fixed), (inputs,))
-        loss = self.loss_fn(outputs, targets)
+        """Evaluate ``loss_fn`` on one batch with ``params`` substituted into the model.
+
+        Normalization layers in training mode use batch statistics and leave
+        the running statistics in ``fixed`` alone, attention runs on the
+        math backend, and the model receives a copy of ``inputs``, as in
+        every product.
+
+        Raises:
+            ValueError: If ``loss_fn`` does not return a 0-dim tensor.
+        """
+        overrides = batch_norm_overrides(self.model)
+        with math_attention():
+            # The copy is made inside any function transform, so an in-place
+            # operation on the inputs (nn.ReLU(inplace=True) as the first
+            # layer) writes to a tensor of the transform, not to a captured one.
+            outputs = functional_call(self.model, (params, {**fixed, **overrides}), (inputs.clone(),))
+            loss = self.loss_fn(outputs, targets)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
                 f"loss_fn must return a 0-dim (scalar) tensor; got {shape}. Reduce it "
-                "inside loss_fn, for example with reduction='mean' or .mean()"
+                "inside loss_fn, for example with reduction='mean' or .mean(); hutch never "
+                "reduces a loss itself"
             )
         return loss
 
-    def _hvp_single(self, tangent, params, fixed, batch):
-        inputs, targets = batch
+    def _batch_loss_function(self, index: int, fixed, inputs, targets) -> LossFunction:
+        """Return the loss of data batch ``index`` as a function of the selected parameters.
 
-        def gradient(p):
-            return grad(self.batch_loss)(p, fixed, inputs, targets)
+        Each call draws its randomness from the same seed, so every product
+        on this batch sees the same dropout masks.
+        """
+        seed = batch_seed(self.forward_seed, index)
 
-        return jvp(gradient, (params,), (tangent,))[1]
+        def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            with frozen_randomness(seed, self.device):
+                return self.batch_loss(params, fixed, inputs, targets)
+
+        return loss
+
+    def begin_estimate(self, generator: torch.Generator) -> None:
+        """Fix the forward pass's randomness for one estimate from the estimator's generator.
+
+        Estimators call this once before their first product. The seed is
+        derived from the generator's state without drawing from it, so the
+        probes are the same as for any other operator. An operator built
+        with ``seed`` keeps that seed.
+        """
+        if self.seed is None:
+            self.forward_seed = seed_from_generator(generator)
 
     # --- products ---------------------------------------------------------
 
@@ -178,7 +330,9 @@ class HessianOperator:
     def batch_size(self) -> int:
         """Columns per vectorized chunk in :meth:`matmat`."""
         if self._batch_size is None:
-            first = next(iter(self._batches()))
+            first = next(iter(self._batches()), None)
+            if first is None:
+                raise ValueError("data yielded no batches; pass at least one (inputs, targets) batch")
             self._batch_size = default_probe_chunk(self, first)
             logger.info("HessianOperator: %d probes per vectorized chunk", self._batch_size)
         return self._batch_size
@@ -193,33 +347,149 @@ class HessianOperator:
             ValueError: If ``V`` does not have shape ``(P, k)``.
             TypeError: If ``V`` is not a tensor of the operator's dtype and
                 device.
+            UnsupportedOperationError: If an operation in the model or loss
+                supports neither path (or not the forced one).
+            NonFiniteHVPError: If a product has NaN or Inf entries.
+            HVPMismatchError: With ``cross_check=True``, if the two paths
+                disagree on the first product.
         """
         self._check_vector(V, ndim=2, arg="V")
+        if V.shape[1] == 0:
+            return torch.zeros(self.num_params, 0, dtype=self.dtype, device=self.device)
+        if self._cross_check_pending:
+            self._cross_check_pending = False
+            self._run_cross_check(V[:, :CROSS_CHECK_COLUMNS])
+
+        if self._path is not None and self.hvp != AUTO:
+            return self._matmat_forced(V)
+        if self._path is not None and self._path.name == REVERSE_OVER_REVERSE:
+            return self._matmat_along(self._path, V).T
+        return self._matmat_auto(V)
+
+    def _matmat_forced(self, V: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._matmat_along(self._path, V).T
+        except HVPError:
+            raise
+        except (RuntimeError, NotImplementedError) as error:
+            if not is_autodiff_failure(error):
+                raise
+            operation = name_operation(error, self._diagnose(self._path, V))
+            other = REVERSE_OVER_REVERSE if self._path.name == FORWARD_OVER_REVERSE else FORWARD_OVER_REVERSE
+            raise UnsupportedOperationError(
+                f"{self._path.name} Hessian-vector products failed in {operation} "
+                f"({type(error).__name__}: {first_line(error)}). The operator was built with "
+                f"hvp={self.hvp!r}; pass hvp='auto' to fall back to {other} products "
+                "automatically"
+            ) from error
+
+    def _matmat_auto(self, V: torch.Tensor) -> torch.Tensor:
+        forward = self._paths[FORWARD_OVER_REVERSE]
+        reverse = self._paths[REVERSE_OVER_REVERSE]
+        try:
+            result = self._matmat_along(forward, V)
+        except HVPError:
+            raise
+        except (RuntimeError, NotImplementedError) as forward_error:
+            # Only a failure specific to forward mode leads to the other path:
+            # if reverse-over-reverse fails too, the operation supports neither.
+            try:
+                result = self._matmat_along(reverse, V)
+            except NonFiniteHVPError:
+                self._fall_back(forward_error, V)
+                raise
+            except HVPError:
+                raise
+            except (RuntimeError, NotImplementedError) as reverse_error:
+                if first_line(reverse_error) == first_line(forward_error):
+                    # The same error on both paths comes from the model or
+                    # the data, not from a missing derivative.
+                    raise
+                raise self._unsupported(forward_error, reverse_error, V) from reverse_error
+            self._fall_back(forward_error, V)
+            return result.T
+        self._path = forward
+        return result.T
+
+    def _matmat_along(self, path, V: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+        """Return ``(H @ V).T``, shape ``(k, P)``, computed along ``path``."""
         k = V.shape[1]
         out = torch.zeros(k, self.num_params, dtype=self.dtype, device=self.device)
-        if k == 0:
-            return out.T
-
         params = self._current_params()
-        fixed = self._fixed_tensors()
         chunk = self.batch_size
         rows = V.T
         total_weight = 0
 
         # Data batches form the outer loop so a DataLoader is read once per matmat.
-        for inputs, targets, num_samples in self._batches():
+        for index, (inputs, targets, num_samples) in enumerate(self._batches()):
             weight = num_samples if self.reduction == "mean" else 1
             total_weight += num_samples
-            for start in range(0, k, chunk):
-                tangents = self.layout.split(rows[start : start + chunk])
-                products = self._hvp_chunk(tangents, params, fixed, (inputs, targets))
-                out[start : start + chunk] += weight * self.layout.flatten(products, batch_dims=1)
+            # Buffers are copied per batch, so a model that writes to its
+            # buffers during the forward pass writes to the copies.
+            fixed = {name: t.clone() for name, t in self._fixed_tensors().items()}
+            loss = self._batch_loss_function(index, fixed, inputs, targets)
+            starts = range(0, k, chunk)
+            blocks = (self.layout.split(rows[start : start + chunk]) for start in starts)
+            for start, products in zip(starts, path.products(loss, params, blocks)):
+                flat = self.layout.flatten(products, batch_dims=1)
+                if check_finite:
+                    self._check_finite(flat, index, path.name)
+                out[start : start + chunk] += weight * flat
 
         if total_weight == 0:
             raise ValueError("data yielded no batches; pass at least one (inputs, targets) batch")
         if self.reduction == "mean":
             out /= total_weight
-        return out.T
+        return out
+
+    def _check_finite(self, flat: torch.Tensor, index: int, path: str) -> None:
+        finite = torch.isfinite(flat)
+        if bool(finite.all()):
+            return
+        names = [s.name for s in self.layout if not bool(finite[:, s.offset : s.stop].all())]
+        raise NonFiniteHVPError(
+            f"{path} Hessian-vector products on data batch {index} have NaN or Inf entries "
+            f"for parameters {names}. The loss is not twice differentiable at the current "
+            "parameter values (for example a norm at zero, whose gradient is undefined there) "
+            "or overflows. Check the loss and these parameters; HessianOperator(..., "
+            "cross_check=True) compares both product paths"
+        )
+
+    def _diagnose(self, path, V: torch.Tensor) -> Callable[[], None]:
+        """Return a callable that reruns one product along ``path`` on one column, for naming a failure."""
+
+        def rerun() -> None:
+            self._matmat_along(path, V[:, :1], check_finite=False)
+
+        return rerun
+
+    def _fall_back(self, forward_error: BaseException, V: torch.Tensor) -> None:
+        operation = name_operation(forward_error, self._diagnose(self._paths[FORWARD_OVER_REVERSE], V))
+        self._path = self._paths[REVERSE_OVER_REVERSE]
+        self.hvp_fallback = operation
+        warnings.warn(
+            f"forward-over-reverse Hessian-vector products failed in {operation} "
+            f"({type(forward_error).__name__}: {first_line(forward_error)}); this operator "
+            "uses reverse-over-reverse products from now on. Pass "
+            "hvp='reverse-over-reverse' to skip the attempt and this warning",
+            HVPFallbackWarning,
+            stacklevel=4,
+        )
+        logger.info("HessianOperator: falling back to reverse-over-reverse products (%s)", operation)
+
+    def _unsupported(self, forward_error, reverse_error, V: torch.Tensor) -> UnsupportedOperationError:
+        operation = name_operation(reverse_error, self._diagnose(self._paths[REVERSE_OVER_REVERSE], V))
+        forward_operation = name_operation(forward_error)
+        fix = workaround(operation) or workaround(forward_operation)
+        message = (
+            f"Hessian-vector products are not available for this model: {operation} has no "
+            "second derivative in torch along either path (forward-over-reverse failed in "
+            f"{forward_operation}: {first_line(forward_error)}; reverse-over-reverse failed: "
+            f"{first_line(reverse_error)})."
+        )
+        if fix:
+            message += f" Workaround: {fix}"
+        return UnsupportedOperationError(message)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Return ``H @ v`` for ``v`` of shape ``(P,)``."""
@@ -246,6 +516,53 @@ class HessianOperator:
                 f"{self.dtype} on {self.device}. Convert it with "
                 f"{arg}.to(dtype=op.dtype, device=op.device)"
             )
+
+    # --- comparing the two paths ------------------------------------------
+
+    def compare_paths(self, V: torch.Tensor, rtol: Optional[float] = None) -> PathComparison:
+        """Compute ``H @ V`` along both paths and compare the results.
+
+        Neither path's failure is raised: a path that cannot run is listed
+        in the result's ``errors``. This does not change :attr:`hvp_path`.
+
+        Args:
+            V: Tangents of shape ``(P, k)``; a few columns suffice.
+            rtol: Tolerance relative to the largest entry of either product;
+                default ``sqrt(eps)`` of the operator's dtype (about 1.5e-8
+                in float64 and 3.5e-4 in float32).
+
+        Returns:
+            A :class:`~hutch.operator.PathComparison`.
+        """
+        self._check_vector(V, ndim=2, arg="V")
+        if rtol is None:
+            rtol = math.sqrt(torch.finfo(self.dtype).eps)
+        products, errors = {}, {}
+        for name in (FORWARD_OVER_REVERSE, REVERSE_OVER_REVERSE):
+            try:
+                products[name] = self._matmat_along(self._paths[name], V, check_finite=False)
+            except HVPError:
+                raise
+            except (RuntimeError, NotImplementedError) as error:
+                products[name] = None
+                errors[name] = f"{name_operation(error)}: {first_line(error)}"
+        return compare_products(products, self.layout, rtol, errors)
+
+    def _run_cross_check(self, V: torch.Tensor) -> None:
+        comparison = self.compare_paths(V)
+        if not comparison.complete:
+            logger.info("HessianOperator: cross-check skipped, a path cannot run: %s", comparison.errors)
+            return
+        if not comparison.agree:
+            raise HVPMismatchError(
+                f"forward-over-reverse and reverse-over-reverse Hessian-vector products disagree "
+                f"for parameters {comparison.mismatched}: {comparison.describe()}. The loss is "
+                "not twice differentiable at the current parameters, or one path is wrong for an "
+                "operation in the model"
+            )
+        logger.info(
+            "HessianOperator: cross-check passed, largest difference %.3g", comparison.max_abs_diff
+        )
 
     # --- exact path and conversions ---------------------------------------
 
@@ -316,6 +633,15 @@ class HessianOperator:
             f"HessianOperator(num_params={self.num_params}, dtype={self.dtype}, "
             f"device={self.device}, reduction={self.reduction!r}, hvp_path={self.hvp_path!r})"
         )
+
+
+def _check_hvp_options(hvp, seed, cross_check) -> None:
+    if hvp not in HVP_PATHS:
+        raise ValueError(f"hvp must be one of {list(HVP_PATHS)}; got {hvp!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be None or a non-negative int; got {seed!r}")
+    if not isinstance(cross_check, bool):
+        raise TypeError(f"cross_check must be True or False; got {cross_check!r}")
 
 
 def _select_parameters(model: nn.Module, params: Optional[Iterable[str]]) -> list[str]:

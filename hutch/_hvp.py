@@ -1,0 +1,402 @@
+"""Hessian-vector product paths, and naming the operation that makes one fail.
+
+A path turns a scalar function of named parameters into products
+:math:`H T` with blocks of tangents T. Two paths exist:
+
+- forward-over-reverse: ``torch.func.jvp`` of ``torch.func.grad``,
+  vectorized over the tangents with ``torch.func.vmap``. Its cost is about
+  that of two gradients per product, and it needs forward-mode AD for every
+  operation in the backward pass.
+- reverse-over-reverse: the vector-Jacobian product of the gradient. The
+  gradient is built once per data batch with ``torch.autograd.grad(...,
+  create_graph=True)``, then differentiated again for each block of
+  tangents with ``is_grads_batched=True``, or one tangent at a time when
+  the backward graph cannot be vectorized. It needs only a twice
+  differentiable backward pass, and works with ``torch.autograd.Function``
+  classes of either style.
+
+Each path is a class with a ``name`` and a ``products`` method; ``PATHS``
+maps names to classes, so more paths can be added beside these two.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch.func import grad, jvp, vmap
+
+logger = logging.getLogger("hutch")
+
+FORWARD_OVER_REVERSE = "forward-over-reverse"
+REVERSE_OVER_REVERSE = "reverse-over-reverse"
+AUTO = "auto"
+
+# A function of the named parameters that returns the 0-dim loss of one data batch.
+LossFunction = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+Tangents = dict[str, torch.Tensor]
+
+
+class HVPError(RuntimeError):
+    """A Hessian-vector product could not be computed correctly."""
+
+
+class UnsupportedOperationError(HVPError):
+    """An operation in the model or loss supports neither HVP path."""
+
+
+class NonFiniteHVPError(HVPError):
+    """A Hessian-vector product contains NaN or Inf entries."""
+
+
+class HVPMismatchError(HVPError):
+    """The two HVP paths disagree on the same tangents."""
+
+
+class HVPFallbackWarning(UserWarning):
+    """Forward-over-reverse products failed, and reverse-over-reverse products are used instead."""
+
+
+# --- the paths ----------------------------------------------------------------
+
+
+class ForwardOverReverse:
+    """Products ``jvp(grad(loss), (params,), (t,))``, vectorized over each block of tangents.
+
+    ``vmap(randomness="same")`` gives every tangent of a block the same
+    random draws (dropout masks) in the forward pass.
+    """
+
+    name = FORWARD_OVER_REVERSE
+
+    def products(
+        self, loss: LossFunction, params: dict[str, torch.Tensor], blocks: Iterable[Tangents]
+    ) -> Iterator[Tangents]:
+        """Yield ``H T`` for each block T, as per-parameter tensors with a leading block dimension."""
+
+        def product(tangent: Tangents) -> Tangents:
+            return jvp(grad(loss), (params,), (tangent,))[1]
+
+        vectorized = vmap(product, randomness="same")
+        for tangents in blocks:
+            yield vectorized(tangents)
+
+
+class ReverseOverReverse:
+    """Products ``d/dθ <∇L(θ), t>``: the vector-Jacobian product of the gradient.
+
+    The loss and its gradient graph are built once per call of
+    :meth:`products`, that is once per data batch, and freed when the
+    generator finishes, so no graph outlives a product.
+    """
+
+    name = REVERSE_OVER_REVERSE
+
+    def __init__(self):
+        # Cleared, for the path's lifetime, when a batched product fails and
+        # the one-tangent loop succeeds.
+        self.batched = True
+        self._warned_constant = False
+
+    def products(
+        self, loss: LossFunction, params: dict[str, torch.Tensor], blocks: Iterable[Tangents]
+    ) -> Iterator[Tangents]:
+        """Yield ``H T`` for each block T, as per-parameter tensors with a leading block dimension."""
+        names = list(params)
+        with torch.enable_grad():
+            leaves = [params[name].detach().requires_grad_(True) for name in names]
+            value = loss(dict(zip(names, leaves)))
+            gradients = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+
+        # A gradient that is None or carries no graph contributes no second
+        # derivative; only the others are differentiated again.
+        connected = [i for i, g in enumerate(gradients) if g is not None and g.requires_grad]
+        self._warn_constant_gradients(names, gradients, connected)
+
+        for tangents in blocks:
+            size = tangents[names[0]].shape[0]
+            if not connected:
+                yield {name: torch.zeros_like(tangents[name]) for name in names}
+                continue
+            outputs = [gradients[i] for i in connected]
+            grad_outputs = [tangents[names[i]] for i in connected]
+            rows = self._differentiate(outputs, leaves, grad_outputs, size)
+            yield dict(zip(names, rows))
+
+    def _differentiate(self, outputs, leaves, grad_outputs, size: int) -> list[torch.Tensor]:
+        if self.batched:
+            try:
+                with torch.enable_grad():
+                    return list(
+                        torch.autograd.grad(
+                            outputs, leaves, grad_outputs, retain_graph=True, allow_unused=True,
+                            materialize_grads=True, is_grads_batched=True,
+                        )
+                    )
+            except (RuntimeError, NotImplementedError) as error:
+                rows = self._loop(outputs, leaves, grad_outputs, size)
+                # The loop succeeded where the batched call failed, so the
+                # failure is vmap's and the loop is used from now on.
+                self.batched = False
+                logger.info(
+                    "reverse-over-reverse: batched products failed (%s: %s); using one tangent at a time",
+                    type(error).__name__, first_line(error),
+                )
+                return rows
+        return self._loop(outputs, leaves, grad_outputs, size)
+
+    @staticmethod
+    def _loop(outputs, leaves, grad_outputs, size: int) -> list[torch.Tensor]:
+        columns = []
+        with torch.enable_grad():
+            for j in range(size):
+                columns.append(
+                    torch.autograd.grad(
+                        outputs, leaves, [t[j] for t in grad_outputs], retain_graph=True,
+                        allow_unused=True, materialize_grads=True,
+                    )
+                )
+        return [torch.stack(parts) for parts in zip(*columns)]
+
+    def _warn_constant_gradients(self, names, gradients, connected) -> None:
+        constant = [names[i] for i, g in enumerate(gradients) if g is not None and i not in connected]
+        if constant and not self._warned_constant:
+            self._warned_constant = True
+            warnings.warn(
+                f"the gradient with respect to {constant} carries no autograd graph, so their "
+                "Hessian rows are taken as zero. That is right when the loss is linear in them, "
+                "and wrong when a custom torch.autograd.Function in the model computes its "
+                "backward without autograd (for example under @once_differentiable); give such "
+                "a Function a differentiable backward",
+                HVPFallbackWarning,
+                stacklevel=4,
+            )
+
+
+PATHS = {path.name: path for path in (ForwardOverReverse, ReverseOverReverse)}
+HVP_PATHS = (AUTO, *PATHS)
+
+
+# --- comparing the paths --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathComparison:
+    """Products of the same tangents along both HVP paths, and how far apart they are.
+
+    Attributes:
+        max_abs_diff: Largest absolute difference between the two products,
+            ``inf`` or ``nan`` when one of them has non-finite entries.
+        scale: Largest absolute entry of either product, the scale the
+            difference is judged against.
+        rtol: Relative tolerance of the comparison.
+        mismatched: Parameter names whose entries differ by more than
+            ``rtol * scale``, or are NaN or Inf in either product.
+        non_finite: For each path, the parameter names whose entries are
+            NaN or Inf in its product.
+        errors: For a path that could not run, its name and the error.
+    """
+
+    max_abs_diff: float
+    scale: float
+    rtol: float
+    mismatched: list[str]
+    non_finite: dict[str, list[str]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """Summarize the comparison in one sentence."""
+        if not self.complete:
+            return f"not compared, because a path cannot run: {self.errors}"
+        text = (
+            f"largest difference {self.max_abs_diff:.3g} against a largest finite entry of "
+            f"{self.scale:.3g} (rtol {self.rtol:.1e})"
+        )
+        for path, names in self.non_finite.items():
+            if names:
+                text += f"; {path} has NaN or Inf entries for {names}"
+        return text
+
+    @property
+    def complete(self) -> bool:
+        """Whether both paths ran, so the comparison means something."""
+        return not self.errors
+
+    @property
+    def agree(self) -> bool:
+        """Whether both paths ran and their products match within ``rtol``."""
+        return self.complete and not self.mismatched
+
+
+def compare_products(products: dict, layout, rtol: float, errors: dict[str, str]) -> PathComparison:
+    """Compare the ``(k, P)`` product blocks of two paths; a path that failed has ``None``."""
+    if any(block is None for block in products.values()):
+        return PathComparison(math.nan, math.nan, rtol, [], {}, errors)
+
+    def names_where(mask: torch.Tensor) -> list[str]:
+        return [s.name for s in layout if bool(mask[:, s.offset : s.stop].any())]
+
+    first, second = products.values()
+    non_finite = {path: names_where(~block.isfinite()) for path, block in products.items()}
+    difference = (first - second).abs()
+    finite = torch.cat([first[first.isfinite()], second[second.isfinite()]]).abs()
+    scale = float(finite.max()) if finite.numel() else 0.0
+
+    # A NaN difference compares false, so non-finite entries never count as a match.
+    tolerance = rtol * max(scale, torch.finfo(first.dtype).tiny)
+    close = (difference <= tolerance) & first.isfinite() & second.isfinite()
+    mismatched = names_where(~close)
+    return PathComparison(float(difference.max()), scale, rtol, mismatched, non_finite, errors)
+
+
+# --- naming the operation that failed -----------------------------------------
+
+# Messages torch 2.13 raises when an operation lacks a derivative, with the
+# group that names the operation.
+_OPERATION_PATTERNS = (
+    re.compile(r"forward AD with (\S+) that does not support it"),
+    re.compile(r"in-place operation \((\S+)\) that would mutate a captured Tensor"),
+    re.compile(r"derivative for '?(?:aten::)?([\w.]+)'? is not implemented"),
+    re.compile(r"You tried to vmap over (\w+), but it does not have vmap support"),
+)
+
+_CUSTOM_FUNCTION_MESSAGES = (
+    "must implement the jvp function for custom autograd.Function",
+    "it must override the setup_context staticmethod",
+)
+
+# Other messages that torch 2.13 raises from inside function transforms or
+# autograd, rather than from the model's own code.
+_AUTODIFF_MESSAGES = ("ZeroTensors are immutable", "vmap", "functorch", "does not require grad")
+
+_ANOMALY_NODE = re.compile(r"Error detected in (\w+)\.")
+
+# Replacements that torch differentiates twice, keyed by a piece of the
+# operation's name.
+WORKAROUNDS = {
+    "embedding_bag": (
+        "replace nn.EmbeddingBag (F.embedding_bag) with nn.Embedding followed by a mean or "
+        "sum over each bag, which has the same values and derivatives"
+    ),
+    "cdist": (
+        'call torch.cdist(..., compute_mode="use_mm_for_euclid_dist"), whose matrix-product '
+        "form torch differentiates twice"
+    ),
+    "euclidean_dist": (
+        "this form of torch.cdist has no forward-mode derivative; use "
+        "hvp='reverse-over-reverse' or hvp='auto'"
+    ),
+    "ctc_loss": (
+        "torch has no second derivative of the CTC loss in any form; leave the CTC loss out "
+        "of the Hessian or write the forward algorithm with torch.logsumexp"
+    ),
+    "attention": (
+        "hutch runs every product under the math backend of scaled_dot_product_attention; "
+        "a model that selects a fused backend itself (sdpa_kernel inside forward) must "
+        "allow SDPBackend.MATH"
+    ),
+}
+
+
+def is_autodiff_failure(error: BaseException) -> bool:
+    """Whether ``error``'s message is one torch raises for a missing or unusable derivative."""
+    message = str(error)
+    return (
+        any(pattern.search(message) for pattern in _OPERATION_PATTERNS)
+        or any(text in message for text in _CUSTOM_FUNCTION_MESSAGES)
+        or any(text in message for text in _AUTODIFF_MESSAGES)
+    )
+
+
+def first_line(error: BaseException) -> str:
+    """Return the first line of an exception's message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _custom_function(error: BaseException) -> Optional[str]:
+    """Return the name of the ``autograd.Function`` subclass being applied when ``error`` was raised."""
+    found = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        if frame.f_code.co_name == "apply" and frame.f_code.co_filename.endswith(
+            ("autograd/function.py", "autograd\\function.py")
+        ):
+            cls = frame.f_locals.get("cls")
+            if isinstance(cls, type):
+                found = cls.__qualname__
+    return found
+
+
+def name_operation(error: BaseException, diagnose: Optional[Callable[[], None]] = None) -> str:
+    """Describe the operation that made a product fail, as precisely as the error allows.
+
+    The name comes from the message where torch puts it there, then from
+    the ``torch.autograd.Function`` on the traceback. A failure inside a
+    backward formula, such as "ZeroTensors are immutable", names no
+    operation, so ``diagnose`` (a callable that reruns the failing product)
+    is run under ``torch.autograd.detect_anomaly``, whose report names the
+    backward node and the forward call that created it.
+    """
+    message = str(error)
+    custom = _custom_function(error)
+    if custom is not None and (
+        any(text in message for text in _CUSTOM_FUNCTION_MESSAGES) or "vmap over" in message
+    ):
+        return f"custom torch.autograd.Function {custom}"
+    for pattern in _OPERATION_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            return match.group(1)
+    if any(text in message for text in _CUSTOM_FUNCTION_MESSAGES):
+        return "a custom torch.autograd.Function"
+    if diagnose is not None:
+        found = _diagnose_with_anomaly_mode(diagnose)
+        if found is not None:
+            return found
+    return f"an operation that raised {type(error).__name__}: {first_line(error)}"
+
+
+def _diagnose_with_anomaly_mode(diagnose: Callable[[], None]) -> Optional[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.autograd.detect_anomaly(check_nan=False):
+                diagnose()
+        except Exception:  # noqa: BLE001 - the rerun is expected to fail; only its report is read
+            pass
+    for item in caught:
+        text = str(item.message)
+        match = _ANOMALY_NODE.search(text)
+        if match:
+            location = _forward_call_site(text)
+            node = match.group(1)
+            return f"{location} (backward node {node})" if location else f"backward node {node}"
+    return None
+
+
+def _forward_call_site(report: str) -> Optional[str]:
+    """Return the innermost frame of an anomaly report's forward traceback outside torch's internals."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', report)
+    for filename, line, function in reversed(frames):
+        normalized = filename.replace("\\", "/")
+        if "/torch/nn/functional.py" in normalized:
+            return f"torch.nn.functional.{function}"
+        internal = ("/torch/_functorch/", "/torch/autograd/", "/torch/utils/", "/torch/_", "/hutch/")
+        if not any(part in normalized for part in internal):
+            return f"{function} at {filename}:{line}"
+    return None
+
+
+def workaround(operation: str) -> Optional[str]:
+    """Return a replacement that torch can differentiate twice, if one is known."""
+    lowered = operation.lower()
+    for key, text in WORKAROUNDS.items():
+        if key in lowered:
+            return text
+    return None
