@@ -61,6 +61,8 @@ class CaseReport:
     exact_max_rel_diff: float = 0.0
     estimates: list[dict[str, Any]] = field(default_factory=list)
     blocks: Optional[dict[str, Any]] = None
+    hvp_path: Optional[str] = None
+    hvp_fallback: Optional[str] = None
     failures: list[str] = field(default_factory=list)
 
 
@@ -275,6 +277,8 @@ def validate_case(
     run_exact(op, report, progress)
     progress.message(f"[{case.name}] estimators: {', '.join(methods)} at {num_matvecs} matvecs")
     run_estimators(op, report, methods, num_matvecs, seed)
+    report.hvp_path = op.hvp_path
+    report.hvp_fallback = op.hvp_fallback
     return report
 
 
@@ -283,6 +287,10 @@ def format_report(report: CaseReport) -> str:
     lines = [f"== {report.name}: {report.description}"]
     lines += [f"   {note}" for note in report.notes]
     lines.append(f"   parameters P = {report.num_params}")
+    path = report.hvp_path or "none"
+    if report.hvp_fallback:
+        path += f" (forward-over-reverse failed in {report.hvp_fallback})"
+    lines.append(f"   Hessian-vector products: {path}")
     for path, values in report.exact_paths.items():
         lines.append(f"   exact trace ({path:<15}) = {values['trace']:.12g}   [{values['seconds']:.2f} s]")
     lines.append(f"   exact paths agree to a relative difference of {report.exact_max_rel_diff:.1e}")
