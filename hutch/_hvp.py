@@ -1,21 +1,27 @@
 """Hessian-vector product paths, and naming the operation that makes one fail.
 
 A path turns a scalar function of named parameters into products
-:math:`H T` with blocks of tangents T. Two paths exist:
+:math:`H T` with blocks of tangents T. It does so in two steps:
+:meth:`prepare` does the work that does not depend on the tangents, and the
+function it returns multiplies one block of tangents at a time. Two paths
+exist:
 
 - forward-over-reverse: ``torch.func.jvp`` of ``torch.func.grad``,
-  vectorized over the tangents with ``torch.func.vmap``. Its cost is about
-  that of two gradients per product, and it needs forward-mode AD for every
-  operation in the backward pass.
-- reverse-over-reverse: the vector-Jacobian product of the gradient. The
-  gradient is built once per data batch with ``torch.autograd.grad(...,
-  create_graph=True)``, then differentiated again for each block of
-  tangents with ``is_grads_batched=True``, or one tangent at a time when
-  the backward graph cannot be vectorized. It needs only a twice
-  differentiable backward pass, and works with ``torch.autograd.Function``
-  classes of either style.
+  vectorized over the tangents with ``torch.func.vmap``. Each block reruns
+  the primal forward and backward pass once, then pushes every tangent of
+  the block through both, at about two gradients per product. It needs
+  forward-mode AD for every operation in the backward pass.
+- reverse-over-reverse: the vector-Jacobian product of the gradient.
+  Preparing builds the gradient once with ``torch.autograd.grad(...,
+  create_graph=True)`` and keeps its graph (a :class:`GradientGraph`);
+  each product is then one backward pass through that graph, at about one
+  gradient per product, because the primal forward and backward pass are
+  not repeated. A block of tangents is differentiated at once with
+  ``is_grads_batched=True`` where the path is vectorized, or one tangent
+  at a time. It needs only a twice differentiable backward pass, and works
+  with ``torch.autograd.Function`` classes of either style.
 
-Each path is a class with a ``name`` and a ``products`` method; ``PATHS``
+Each path is a class with a ``name`` and a ``prepare`` method; ``PATHS``
 maps names to classes, so more paths can be added beside these two.
 """
 
@@ -41,6 +47,8 @@ AUTO = "auto"
 # A function of the named parameters that returns the 0-dim loss of one data batch.
 LossFunction = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 Tangents = dict[str, torch.Tensor]
+# Products H T of one block of tangents, as per-parameter tensors with a leading block dimension.
+BlockProduct = Callable[[Tangents], Tangents]
 
 
 class HVPError(RuntimeError):
@@ -70,67 +78,110 @@ class ForwardOverReverse:
     """Products ``jvp(grad(loss), (params,), (t,))``, vectorized over each block of tangents.
 
     ``vmap(randomness="same")`` gives every tangent of a block the same
-    random draws (dropout masks) in the forward pass.
+    random draws (dropout masks) in the forward pass. Nothing is kept
+    between blocks, so :meth:`prepare` is free and its result holds no
+    memory beyond the parameters.
     """
 
     name = FORWARD_OVER_REVERSE
+    # Whether the prepared products are worth keeping across matmat calls.
+    keeps_state = False
+
+    def prepare(self, loss: LossFunction, params: dict[str, torch.Tensor]) -> BlockProduct:
+        """Return the function that maps a block of tangents T to ``H T``."""
+
+        def product(tangent: Tangents) -> Tangents:
+            return jvp(grad(loss), (params,), (tangent,))[1]
+
+        return vmap(product, randomness="same")
 
     def products(
         self, loss: LossFunction, params: dict[str, torch.Tensor], blocks: Iterable[Tangents]
     ) -> Iterator[Tangents]:
         """Yield ``H T`` for each block T, as per-parameter tensors with a leading block dimension."""
-
-        def product(tangent: Tangents) -> Tangents:
-            return jvp(grad(loss), (params,), (tangent,))[1]
-
-        vectorized = vmap(product, randomness="same")
+        apply = self.prepare(loss, params)
         for tangents in blocks:
-            yield vectorized(tangents)
+            yield apply(tangents)
+
+
+class GradientGraph:
+    """The gradient of one loss with its autograd graph, kept for repeated second backward passes.
+
+    Calling it with a block of tangents T returns ``H T``, the
+    vector-Jacobian products of the gradient, without rerunning the forward
+    or the first backward pass. It holds the saved tensors of both passes
+    (activations and the gradient) until it is dropped.
+    """
+
+    def __init__(self, path: "ReverseOverReverse", loss: LossFunction, params: dict[str, torch.Tensor]):
+        self._path = path
+        self.names = list(params)
+        with torch.enable_grad():
+            self._leaves = [params[name].detach().requires_grad_(True) for name in self.names]
+            value = loss(dict(zip(self.names, self._leaves)))
+            gradients = torch.autograd.grad(value, self._leaves, create_graph=True, allow_unused=True)
+
+        # A gradient that is None or carries no graph contributes no second
+        # derivative; only the others are differentiated again.
+        self._connected = [i for i, g in enumerate(gradients) if g is not None and g.requires_grad]
+        self._outputs = [gradients[i] for i in self._connected]
+        path._warn_constant_gradients(self.names, gradients, self._connected)
+
+    def __call__(self, tangents: Tangents) -> Tangents:
+        names = self.names
+        if not self._connected:
+            return {name: torch.zeros_like(tangents[name]) for name in names}
+        size = tangents[names[0]].shape[0]
+        grad_outputs = [tangents[names[i]] for i in self._connected]
+        rows = self._path._differentiate(self._outputs, self._leaves, grad_outputs, size)
+        return dict(zip(names, rows))
 
 
 class ReverseOverReverse:
     """Products ``d/dθ <∇L(θ), t>``: the vector-Jacobian product of the gradient.
 
-    The loss and its gradient graph are built once per call of
-    :meth:`products`, that is once per data batch, and freed when the
-    generator finishes, so no graph outlives a product.
+    :meth:`prepare` builds the loss and its gradient graph once; the
+    returned :class:`GradientGraph` serves any number of blocks of
+    tangents. The operator decides how long a graph lives: for one matmat
+    call, or while parameters, buffers, data and mode stay the same.
+
+    Args:
+        vectorize: Whether a block of tangents goes through one batched
+            backward pass (``is_grads_batched=True``, which runs the
+            backward under ``vmap``) instead of one backward pass per
+            tangent. On the CPU the loop measured faster than the batched
+            pass on every benchmark workload, so the operator vectorizes
+            only on other devices.
     """
 
     name = REVERSE_OVER_REVERSE
+    keeps_state = True
 
-    def __init__(self):
+    def __init__(self, vectorize: bool = True):
+        self.vectorize = vectorize
         # Cleared, for the path's lifetime, when a batched product fails and
         # the one-tangent loop succeeds.
         self.batched = True
         self._warned_constant = False
 
+    def prepare(self, loss: LossFunction, params: dict[str, torch.Tensor]) -> GradientGraph:
+        """Build the gradient graph of ``loss`` at ``params``; call the result with blocks of tangents."""
+        return GradientGraph(self, loss, params)
+
     def products(
         self, loss: LossFunction, params: dict[str, torch.Tensor], blocks: Iterable[Tangents]
     ) -> Iterator[Tangents]:
-        """Yield ``H T`` for each block T, as per-parameter tensors with a leading block dimension."""
-        names = list(params)
-        with torch.enable_grad():
-            leaves = [params[name].detach().requires_grad_(True) for name in names]
-            value = loss(dict(zip(names, leaves)))
-            gradients = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        """Yield ``H T`` for each block T, as per-parameter tensors with a leading block dimension.
 
-        # A gradient that is None or carries no graph contributes no second
-        # derivative; only the others are differentiated again.
-        connected = [i for i, g in enumerate(gradients) if g is not None and g.requires_grad]
-        self._warn_constant_gradients(names, gradients, connected)
-
+        The gradient graph is built once for all blocks and freed when the
+        generator finishes.
+        """
+        graph = self.prepare(loss, params)
         for tangents in blocks:
-            size = tangents[names[0]].shape[0]
-            if not connected:
-                yield {name: torch.zeros_like(tangents[name]) for name in names}
-                continue
-            outputs = [gradients[i] for i in connected]
-            grad_outputs = [tangents[names[i]] for i in connected]
-            rows = self._differentiate(outputs, leaves, grad_outputs, size)
-            yield dict(zip(names, rows))
+            yield graph(tangents)
 
     def _differentiate(self, outputs, leaves, grad_outputs, size: int) -> list[torch.Tensor]:
-        if self.batched:
+        if self.vectorize and self.batched and size > 1:
             try:
                 with torch.enable_grad():
                     return list(
@@ -153,15 +204,20 @@ class ReverseOverReverse:
 
     @staticmethod
     def _loop(outputs, leaves, grad_outputs, size: int) -> list[torch.Tensor]:
-        columns = []
         with torch.enable_grad():
-            for j in range(size):
-                columns.append(
-                    torch.autograd.grad(
-                        outputs, leaves, [t[j] for t in grad_outputs], retain_graph=True,
-                        allow_unused=True, materialize_grads=True,
-                    )
+            if size == 1:
+                column = torch.autograd.grad(
+                    outputs, leaves, [t[0] for t in grad_outputs], retain_graph=True,
+                    allow_unused=True, materialize_grads=True,
                 )
+                return [part[None] for part in column]
+            columns = [
+                torch.autograd.grad(
+                    outputs, leaves, [t[j] for t in grad_outputs], retain_graph=True,
+                    allow_unused=True, materialize_grads=True,
+                )
+                for j in range(size)
+            ]
         return [torch.stack(parts) for parts in zip(*columns)]
 
     def _warn_constant_gradients(self, names, gradients, connected) -> None:

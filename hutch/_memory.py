@@ -1,22 +1,40 @@
-"""The default number of probes per vectorized Hessian-vector product chunk."""
+"""The memory a Hessian operator may use: probes per chunk, and whether a gradient graph is kept.
+
+One budget, in bytes, governs both. Without one, the budget is
+``CPU_BUDGET_BYTES`` on the CPU and a quarter of the free memory on a GPU.
+Sizes are estimated from the parameter count P and the number of
+activation entries A of one forward pass (every leaf module's output):
+
+- a vectorized chunk of c probes takes about ``BYTES_FACTOR * c * (P + A)``
+  entries;
+- a kept gradient graph takes about ``GRAPH_FACTOR * (P + A)`` entries: the
+  saved activations of the forward and first backward pass, and the
+  gradient itself.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-# Memory allowed for one vectorized chunk on the CPU.
-CPU_CHUNK_BYTES = 2**30
-# Fraction of the free GPU memory allowed for one chunk.
-GPU_CHUNK_FRACTION = 0.25
+# Memory allowed on the CPU when the caller sets no budget.
+CPU_BUDGET_BYTES = 2**30
+# Fraction of the free GPU memory allowed when the caller sets no budget.
+GPU_BUDGET_FRACTION = 0.25
 # A forward-over-reverse product keeps tangents of the parameters, of the
 # activations, of the saved tensors of the backward pass and of the gradient;
 # this factor over (parameters + activations) bounds that with some margin.
-# NOTE: reverse-over-reverse products are sized with the same factor; their
-# batched double backward also keeps per-probe tangents of the activations,
-# but the factor has not been measured for that path.
+# NOTE: reverse-over-reverse chunks are sized with the same factor. On the
+# CPU they differentiate one probe at a time and need less; the factor has
+# not been measured for their batched double backward on other devices.
 BYTES_FACTOR = 6
+# A gradient graph keeps the activations saved by the forward pass, those
+# saved by the backward pass for differentiating it again, and the gradient.
+# NOTE: an estimate from counting, not a measurement of every model.
+GRAPH_FACTOR = 3
 MAX_CHUNK = 256
 
 
@@ -53,15 +71,29 @@ def activation_numel(model: nn.Module, params, fixed, inputs: torch.Tensor) -> i
     return total
 
 
-def default_probe_chunk(op, batch) -> int:
-    """Choose how many probes one vectorized product handles at once."""
+def memory_budget(device: torch.device, requested: Optional[int]) -> int:
+    """Return the bytes the operator may use: ``requested``, or the device's default."""
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(GPU_BUDGET_FRACTION * free)
+    return CPU_BUDGET_BYTES
+
+
+def plan_memory(op, batch, budget: int) -> tuple[int, bool]:
+    """Return the probes per vectorized chunk, and whether a gradient graph fits beside one chunk.
+
+    A chunk gets what the budget leaves after the graph when the graph
+    fits, and the whole budget otherwise; it is at least 1 probe, so a
+    budget below one probe's needs still runs, one probe at a time.
+    """
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     activations = activation_numel(op.model, op._current_params(), op._fixed_tensors(), batch.inputs)
     per_probe = BYTES_FACTOR * itemsize * (op.num_params + activations)
+    graph = GRAPH_FACTOR * itemsize * (op.num_params + activations)
 
-    if op.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(op.device)
-        budget = GPU_CHUNK_FRACTION * free
-    else:
-        budget = CPU_CHUNK_BYTES
-    return int(max(1, min(MAX_CHUNK, budget // per_probe)))
+    keep_graph = graph + per_probe <= budget
+    room = budget - graph if keep_graph else budget
+    chunk = int(max(1, min(MAX_CHUNK, room // per_probe)))
+    return chunk, keep_graph

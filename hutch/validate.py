@@ -9,7 +9,9 @@ or ``python -m hutch.validate``; ``--help`` lists the options.
 Exact paths:
 
 - ``dense``: the flat (P, P) Hessian from forward-over-reverse products
-  with the identity's columns (:meth:`HessianOperator.to_dense`); its trace.
+  (``torch.func.jvp`` of ``torch.func.grad``) with the identity's columns;
+  its trace. The operator is forced onto that path here, whatever
+  ``hvp="auto"`` would choose, so that it differs from the next one.
 - ``double-backward``: the diagonal from reverse-over-reverse products
   (``torch.autograd.grad`` of a ``create_graph=True`` gradient), an
   automatic-differentiation path that shares no code with the operator's
@@ -274,7 +276,8 @@ def validate_case(
     op = HessianOperator(case.model, case.loss_fn, case.data)
     report = CaseReport(case.name, case.description, op.num_params, list(case.notes))
     progress.message(f"[{case.name}] exact trace of a {op.num_params} x {op.num_params} Hessian")
-    run_exact(op, report, progress)
+    forward_op = HessianOperator(case.model, case.loss_fn, case.data, hvp="forward-over-reverse")
+    run_exact(forward_op, report, progress)
     progress.message(f"[{case.name}] estimators: {', '.join(methods)} at {num_matvecs} matvecs")
     run_estimators(op, report, methods, num_matvecs, seed)
     report.hvp_path = op.hvp_path
