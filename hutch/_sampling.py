@@ -12,6 +12,9 @@ logger = logging.getLogger("hutch")
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
+# Probes per matmat call when neither the caller nor the operator sets a size.
+DEFAULT_PROBE_BLOCK = 32
+
 
 def resolve_generator(
     generator: Optional[torch.Generator], seed: Optional[int], device: torch.device
@@ -57,21 +60,42 @@ def sample_probes(
 ) -> torch.Tensor:
     """Draw ``num_probes`` probe vectors with E[z z^T] = I as columns of a (num_rows, num_probes) tensor.
 
-    Probes are drawn on the generator's device and moved to ``device``, so a
-    seed gives the same probes whatever the operator's device, as long as
-    the generator's device is the same.
+    Each probe is drawn whole, one after the other, directly in ``dtype``.
+    So a generator gives the same sequence of probes however an estimator
+    splits them into blocks, and a block costs no more memory than its
+    result. Probes are drawn on the generator's device and moved to
+    ``device``, so a seed gives the same probes whatever the operator's
+    device, as long as the generator's device is the same.
+
+    Returns:
+        A ``(num_rows, num_probes)`` tensor, the transpose of a contiguous
+        ``(num_probes, num_rows)`` one.
     """
-    shape = (num_rows, num_probes)
-    if distribution == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, device=generator.device)
-        probes = bits.to(dtype).mul_(2).sub_(1)
-    elif distribution == "gaussian":
-        probes = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
-    else:
-        raise ValueError(
-            f"distribution must be one of {list(DISTRIBUTIONS)}; got {distribution!r}"
-        )
-    return probes.to(device)
+    check_distribution(distribution)
+    probes = torch.empty(num_probes, num_rows, dtype=dtype, device=generator.device)
+    for row in probes:
+        if distribution == "rademacher":
+            torch.randint(0, 2, (num_rows,), generator=generator, dtype=dtype, device=generator.device, out=row)
+            row.mul_(2).sub_(1)
+        else:
+            torch.randn(num_rows, generator=generator, dtype=dtype, device=generator.device, out=row)
+    return probes.to(device).T
+
+
+def probe_block_size(A, batch_size: Optional[int]) -> int:
+    """Return how many probes an estimator passes to one ``matmat`` call.
+
+    An explicit ``batch_size`` wins. Otherwise the default is
+    ``DEFAULT_PROBE_BLOCK``, capped by the operator's own chunk size when it
+    has one (a :class:`hutch.HessianOperator` sizes its chunks to its memory
+    budget), so probes for a large model do not outgrow that budget.
+    """
+    if batch_size is not None:
+        return batch_size
+    operator_chunk = getattr(A, "batch_size", None)
+    if isinstance(operator_chunk, int) and not isinstance(operator_chunk, bool) and operator_chunk >= 1:
+        return min(DEFAULT_PROBE_BLOCK, operator_chunk)
+    return DEFAULT_PROBE_BLOCK
 
 
 def check_distribution(distribution: str) -> None:

@@ -8,11 +8,13 @@ from typing import Optional
 import torch
 
 from hutch._sampling import (
+    DEFAULT_PROBE_BLOCK,
     check_batch_size,
     check_distribution,
     check_num_matvecs,
     begin_estimate,
     operator_info,
+    probe_block_size,
     resolve_generator,
     sample_probes,
 )
@@ -20,8 +22,8 @@ from hutch.exact import exact_estimate
 from hutch.linop import OperatorLike, as_linear_operator
 from hutch.result import TraceEstimate
 
-# Probes per matmat call when the caller sets no batch size.
-DEFAULT_PROBE_BATCH = 32
+# Kept under this name for the estimators that import it.
+DEFAULT_PROBE_BATCH = DEFAULT_PROBE_BLOCK
 
 
 def hutchinson(
@@ -64,9 +66,10 @@ def hutchinson(
         seed: Seed for a new generator on ``A.device``. With neither
             ``generator`` nor ``seed``, a seed is drawn from the operating
             system and recorded in the result.
-        batch_size: Probes per ``matmat`` call; default 32. A
-            :class:`hutch.HessianOperator` splits each call further into its
-            own chunks.
+        batch_size: Probes per ``matmat`` call; default 32, or the
+            operator's ``batch_size`` when that is smaller, as for a
+            :class:`hutch.HessianOperator` of a large model. The probes, and
+            so the estimate, do not depend on it.
 
     Returns:
         A :class:`hutch.TraceEstimate`.
@@ -92,7 +95,7 @@ def hutchinson(
     if num_matvecs >= n:
         return exact_estimate(A, "hutchinson", batch_size)
 
-    step = batch_size or DEFAULT_PROBE_BATCH
+    step = probe_block_size(A, batch_size)
     terms = []
 
     # Each block of probes is drawn, multiplied and reduced to its terms

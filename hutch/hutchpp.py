@@ -13,6 +13,7 @@ from hutch._sampling import (
     chunked_matmat,
     begin_estimate,
     operator_info,
+    probe_block_size,
     resolve_generator,
     sample_probes,
 )
@@ -82,7 +83,9 @@ def hutchpp(
         seed: Seed for a new generator on ``A.device``. With neither
             ``generator`` nor ``seed``, a seed is drawn from the operating
             system and recorded in the result.
-        batch_size: Vectors per ``matmat`` call; default 32.
+        batch_size: Vectors per ``matmat`` call; default 32, or the
+            operator's ``batch_size`` when that is smaller. The sketch is
+            drawn whole, so it needs memory for k vectors whatever this is.
 
     Returns:
         A :class:`hutch.TraceEstimate` whose ``info`` holds
@@ -111,7 +114,7 @@ def hutchpp(
         return exact_estimate(A, "hutchpp", batch_size)
     check_num_matvecs(num_matvecs, MIN_MATVECS, "hutchpp")
 
-    step = batch_size or DEFAULT_PROBE_BATCH
+    step = probe_block_size(A, batch_size)
     k = num_matvecs // 3
     r = num_matvecs - 2 * k
 
