@@ -11,7 +11,10 @@ The pieces, in the order a user meets them:
 - :func:`trace` is the one-line call for a model.
 """
 
+from hutch.adaptive import ToleranceWarning, adaptive_trace
 from hutch.api import trace
+from hutch.blocks import BlockTraces, block_traces
+from hutch.diagonal import DiagonalEstimate, diagonal
 from hutch.exact import exact_diagonal, exact_trace
 from hutch.hutchinson import hutchinson
 from hutch.hutchpp import hutchpp
@@ -19,6 +22,7 @@ from hutch.layout import ParameterLayout, ParameterSlot
 from hutch.linop import DenseOperator, LinearOperator, as_linear_operator
 from hutch.operator import HessianOperator
 from hutch.result import TraceEstimate
+from hutch.xtrace import xnystrace, xtrace
 
 __version__ = "0.1.0"
 
@@ -33,8 +37,17 @@ __all__ = [
     # Estimators
     "hutchinson",
     "hutchpp",
+    "xtrace",
+    "xnystrace",
+    "adaptive_trace",
+    "ToleranceWarning",
     "trace",
     "TraceEstimate",
+    # Per-block traces and diagonals
+    "block_traces",
+    "BlockTraces",
+    "diagonal",
+    "DiagonalEstimate",
     # Exact references
     "exact_trace",
     "exact_diagonal",
