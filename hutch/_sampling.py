@@ -17,15 +17,28 @@ DEFAULT_PROBE_BLOCK = 32
 
 
 def resolve_generator(
-    generator: Optional[torch.Generator], seed: Optional[int], device: torch.device
+    generator: Optional[torch.Generator], seed: Optional[int], A
 ) -> tuple[torch.Generator, Optional[int]]:
-    """Return the generator to draw probes from, and the seed it started from.
+    """Return the generator to draw probes from for one estimate on ``A``, and the seed it started from.
 
     A caller passes either a generator or a seed. With neither, a seed is
     drawn from the operating system's entropy pool (never from torch's global
     generator), logged, and returned so the result records it and the call
-    can be repeated exactly.
+    can be repeated exactly. A new generator lives on ``A.device``.
+
+    Every estimator calls this once before its first product, so it also
+    calls the operator's ``begin_estimate`` hook: a
+    :class:`hutch.HessianOperator` fixes the randomness of its forward pass
+    (dropout) for the estimate from the generator's state there.
     """
+    generator, seed = _generator_and_seed(generator, seed, A.device)
+    begin_estimate(A, generator)
+    return generator, seed
+
+
+def _generator_and_seed(
+    generator: Optional[torch.Generator], seed: Optional[int], device: torch.device
+) -> tuple[torch.Generator, Optional[int]]:
     if generator is not None and seed is not None:
         raise ValueError(
             f"pass either generator or seed, not both; got generator={generator!r} and "

@@ -15,6 +15,7 @@ from hutch._sampling import (
     check_batch_size,
     check_distribution,
     chunked_matmat,
+    operator_info,
     resolve_generator,
     sample_probes,
 )
@@ -202,7 +203,7 @@ def run_adaptive(
     if n <= min(min_samples, max_matvecs):
         return exact_estimate(A, method, batch_size)
 
-    generator, seed = resolve_generator(generator, seed, A.device)
+    generator, seed = resolve_generator(generator, seed, A)
     step = probe_block_size(A, batch_size)
     stop = _StoppingRule(rtol, atol, confidence, min_samples)
 
@@ -260,6 +261,7 @@ def run_adaptive(
         "max_matvecs": max_matvecs,
         "distribution": distribution,
         **sketch_info,
+        **operator_info(A),
     }
     if method == "hutchpp":
         info["residual_probes"] = count

@@ -22,6 +22,7 @@ from hutch._sampling import (
     check_distribution,
     check_num_matvecs,
     chunked_matmat,
+    operator_info,
     resolve_generator,
     sample_probes,
 )
@@ -232,7 +233,7 @@ def diagonal(
         num_samples=count,
         seed=seed,
         layout=layout if isinstance(layout, ParameterLayout) else None,
-        info=samples.info,
+        info={**samples.info, **operator_info(A)},
     )
 
 
@@ -255,7 +256,7 @@ def diagonal_samples(
         raise ValueError(f"method must be one of {list(DIAGONAL_METHODS)}; got {method!r}")
     check_distribution(distribution)
     check_batch_size(batch_size)
-    generator, seed = resolve_generator(generator, seed, operator.device)
+    generator, seed = resolve_generator(generator, seed, operator)
     n = operator.shape[0]
     if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs >= n:
         return operator, None, seed

@@ -8,11 +8,9 @@ from typing import Optional
 import torch
 
 from hutch._sampling import (
-    DEFAULT_PROBE_BLOCK,
     check_batch_size,
     check_distribution,
     check_num_matvecs,
-    begin_estimate,
     operator_info,
     probe_block_size,
     resolve_generator,
@@ -21,9 +19,6 @@ from hutch._sampling import (
 from hutch.exact import exact_estimate
 from hutch.linop import OperatorLike, as_linear_operator
 from hutch.result import TraceEstimate
-
-# Kept under this name for the estimators that import it.
-DEFAULT_PROBE_BATCH = DEFAULT_PROBE_BLOCK
 
 
 def hutchinson(
@@ -89,8 +84,7 @@ def hutchinson(
     check_num_matvecs(num_matvecs, 1, "hutchinson")
     check_distribution(distribution)
     check_batch_size(batch_size)
-    generator, seed = resolve_generator(generator, seed, A.device)
-    begin_estimate(A, generator)
+    generator, seed = resolve_generator(generator, seed, A)
     n = A.shape[0]
     if num_matvecs >= n:
         return exact_estimate(A, "hutchinson", batch_size)

@@ -11,14 +11,13 @@ from hutch._sampling import (
     check_distribution,
     check_num_matvecs,
     chunked_matmat,
-    begin_estimate,
     operator_info,
     probe_block_size,
     resolve_generator,
     sample_probes,
 )
 from hutch.exact import exact_estimate
-from hutch.hutchinson import DEFAULT_PROBE_BATCH, _std_error
+from hutch.hutchinson import _std_error
 from hutch.linop import OperatorLike, as_linear_operator
 from hutch.result import TraceEstimate
 
@@ -107,8 +106,7 @@ def hutchpp(
     A = as_linear_operator(A)
     check_distribution(distribution)
     check_batch_size(batch_size)
-    generator, seed = resolve_generator(generator, seed, A.device)
-    begin_estimate(A, generator)
+    generator, seed = resolve_generator(generator, seed, A)
     n = A.shape[0]
     if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs >= n:
         return exact_estimate(A, "hutchpp", batch_size)

@@ -22,6 +22,7 @@ from hutch._sampling import (
     check_distribution,
     check_num_matvecs,
     chunked_matmat,
+    operator_info,
     resolve_generator,
     sample_probes,
 )
@@ -170,7 +171,7 @@ def xtrace(
     A = as_linear_operator(A)
     check_distribution(distribution)
     check_batch_size(batch_size)
-    generator, seed = resolve_generator(generator, seed, A.device)
+    generator, seed = resolve_generator(generator, seed, A)
     n = A.shape[0]
     if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs >= n:
         return exact_estimate(A, "xtrace", batch_size)
@@ -232,7 +233,7 @@ def xtrace(
         method="xtrace",
         num_samples=estimates.numel(),
         seed=seed,
-        info={"distribution": distribution, "sketch_size": k},
+        info={"distribution": distribution, "sketch_size": k, **operator_info(A)},
     )
 
 
@@ -326,7 +327,7 @@ def xnystrace(
     A = as_linear_operator(A)
     check_distribution(distribution)
     check_batch_size(batch_size)
-    generator, seed = resolve_generator(generator, seed, A.device)
+    generator, seed = resolve_generator(generator, seed, A)
     n = A.shape[0]
     if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs >= n:
         return exact_estimate(A, "xnystrace", batch_size)
@@ -367,7 +368,7 @@ def xnystrace(
         method="xnystrace",
         num_samples=k,
         seed=seed,
-        info={"distribution": distribution, "sketch_size": k, "shift": nu},
+        info={"distribution": distribution, "sketch_size": k, "shift": nu, **operator_info(A)},
     )
 
 
