@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 
 import hutch
+from hutch import _validate_checks as checks
 from hutch._cases import CASES, Case
 from hutch.operator import HessianOperator
 
@@ -43,10 +44,12 @@ from hutch.operator import HessianOperator
 Z_LIMIT = 5.0
 # Largest model for which the torch.func.hessian path runs.
 FUNC_HESSIAN_MAX_PARAMS = 64
-# Exact paths must agree to this relative difference, per dtype.
-EXACT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 # Estimators the harness runs, by name.
-ESTIMATORS: dict[str, Callable] = {"hutchinson": hutch.hutchinson, "hutchpp": hutch.hutchpp}
+ESTIMATORS: dict[str, Callable] = {
+    "hutchinson": hutch.hutchinson,
+    "hutchpp": hutch.hutchpp,
+    "xtrace": hutch.xtrace,
+}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -63,6 +66,8 @@ class CaseReport:
     exact_max_rel_diff: float = 0.0
     estimates: list[dict[str, Any]] = field(default_factory=list)
     blocks: Optional[dict[str, Any]] = None
+    block_estimates: list[dict[str, Any]] = field(default_factory=list)
+    diagonal: Optional[dict[str, Any]] = None
     hvp_path: Optional[str] = None
     hvp_fallback: Optional[str] = None
     failures: list[str] = field(default_factory=list)
@@ -177,8 +182,8 @@ def _relative_difference(a: float, b: float) -> float:
     return abs(a - b) / scale
 
 
-def run_exact(op: HessianOperator, report: CaseReport, progress: Progress) -> None:
-    """Compute the exact trace along each path and record whether they agree."""
+def run_exact(op: HessianOperator, report: CaseReport, progress: Progress) -> torch.Tensor:
+    """Compute the exact trace along each path, record whether they agree, and return the exact diagonal."""
     timed: dict[str, dict[str, float]] = {}
 
     start = time.perf_counter()
@@ -210,7 +215,7 @@ def run_exact(op: HessianOperator, report: CaseReport, progress: Progress) -> No
     report.exact_max_rel_diff = max(
         [_relative_difference(t, reference) for t in traces] + [diagonal_gap, matrix_gap, symmetry]
     )
-    rtol = EXACT_RTOL.get(op.dtype, 1e-4)
+    rtol = checks.exact_rtol(op.dtype)
     if report.exact_max_rel_diff > rtol:
         traces_text = ", ".join(f"{k}={v['trace']:.12g}" for k, v in timed.items())
         report.failures.append(
@@ -218,6 +223,7 @@ def run_exact(op: HessianOperator, report: CaseReport, progress: Progress) -> No
             f"max relative difference {report.exact_max_rel_diff:.2e} (diagonals {diagonal_gap:.2e}, "
             f"func.hessian matrix {matrix_gap:.2e}, asymmetry {symmetry:.2e}) exceeds {rtol:.0e}"
         )
+    return torch.diagonal(H).clone()
 
 
 def _describe_blocks(op: HessianOperator, H: torch.Tensor) -> dict[str, Any]:
@@ -242,12 +248,7 @@ def run_estimators(
         seconds = time.perf_counter() - start
 
         error = estimate.value - report.exact_trace
-        if estimate.exact or estimate.std_error == 0.0:
-            z = 0.0 if abs(error) <= EXACT_RTOL.get(op.dtype, 1e-4) * max(abs(report.exact_trace), 1e-300) else math.inf
-        elif math.isnan(estimate.std_error):
-            z = math.nan
-        else:
-            z = abs(error) / estimate.std_error
+        z = checks.z_score(estimate.value, report.exact_trace, estimate.std_error, checks.exact_rtol(op.dtype))
         report.estimates.append(
             {
                 "method": method,
@@ -277,9 +278,17 @@ def validate_case(
     report = CaseReport(case.name, case.description, op.num_params, list(case.notes))
     progress.message(f"[{case.name}] exact trace of a {op.num_params} x {op.num_params} Hessian")
     forward_op = HessianOperator(case.model, case.loss_fn, case.data, hvp="forward-over-reverse")
-    run_exact(forward_op, report, progress)
+    exact_diagonal = run_exact(forward_op, report, progress)
     progress.message(f"[{case.name}] estimators: {', '.join(methods)} at {num_matvecs} matvecs")
     run_estimators(op, report, methods, num_matvecs, seed)
+
+    progress.message(f"[{case.name}] tolerance stop, per-module traces and the diagonal")
+    row, failures = checks.check_adaptive(op, report.exact_trace, 10 * num_matvecs, seed, Z_LIMIT)
+    report.estimates.append(row)
+    report.block_estimates, block_failures = checks.check_blocks(op, exact_diagonal, num_matvecs, seed, Z_LIMIT)
+    report.diagonal, diagonal_failures = checks.check_diagonal(op, exact_diagonal, num_matvecs, seed)
+    for failure in failures + block_failures + diagonal_failures:
+        report.failures.append(f"{case.name}: {failure}")
     report.hvp_path = op.hvp_path
     report.hvp_fallback = op.hvp_fallback
     return report
@@ -303,13 +312,25 @@ def format_report(report: CaseReport) -> str:
         parts = " + ".join(f"{v:.6g} ({k})" for k, v in report.blocks["diagonal_block_traces"].items())
         lines.append(f"   trace = sum of the diagonal blocks' traces = {parts}")
 
-    header = f"   {'estimator':<12} {'value ± std. error':>28} {'rel. error':>10} {'|z|':>6} {'matvecs':>8} {'time':>8}"
+    header = f"   {'estimator':<20} {'value ± std. error':>28} {'rel. error':>10} {'|z|':>6} {'matvecs':>8} {'time':>8}"
     lines += ["", header, "   " + "-" * (len(header) - 3)]
     for row in report.estimates:
         value = f"{row['value']:.6g} ± {row['std_error']:.2g}" if not row["exact"] else f"{row['value']:.6g} (exact)"
         lines.append(
-            f"   {row['method']:<12} {value:>28} {row['rel_error']:>10.2e} {row['z']:>6.2f} "
+            f"   {row['method']:<20} {value:>28} {row['rel_error']:>10.2e} {row['z']:>6.2f} "
             f"{row['num_matvecs']:>8d} {row['seconds']:>7.2f}s"
+        )
+    if report.block_estimates:
+        lines += ["", f"   {'module':<12} {'exact trace':>14} {'estimate ± std. error':>28} {'|z|':>6}"]
+        for row in report.block_estimates:
+            value = f"{row['value']:.6g} ± {row['std_error']:.2g}"
+            lines.append(f"   {row['block']:<12} {row['exact']:>14.6g} {value:>28} {row['z']:>6.2f}")
+    if report.diagonal is not None:
+        d = report.diagonal
+        lines.append(
+            f"\n   diagonal ({d['method']}, {d['num_matvecs']} matvecs): relative error "
+            f"{d['rel_error']:.2e}, {d['fraction_within']:.1%} of entries within "
+            f"{checks.DIAGONAL_Z:g} standard errors   [{d['seconds']:.2f} s]"
         )
     return "\n".join(lines)
 
@@ -375,7 +396,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for failure in failures:
             print(f"  - {failure}", file=out)
         return 1
-    print(f"OK: {len(reports)} cases; exact paths agree and every estimate lies within {Z_LIMIT:g} standard errors of the exact trace", file=out)
+    print(f"OK: {len(reports)} cases; exact paths agree, every trace and module trace lies within {Z_LIMIT:g} standard errors of the exact value, and the diagonal estimate is consistent with the exact diagonal", file=out)
     return 0
 
 

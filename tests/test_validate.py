@@ -25,9 +25,14 @@ def test_harness_all_cases_exit_zero(tmp_path, capsys):
     assert [case["name"] for case in document["cases"]] == ["linear", "mlp", "cnn"]
     for case in document["cases"]:
         assert case["exact_max_rel_diff"] < 1e-9
-        assert {row["method"] for row in case["estimates"]} == {"hutchinson", "hutchpp"}
+        assert {row["method"] for row in case["estimates"]} == {
+            "hutchinson", "hutchpp", "xtrace", "adaptive (rtol 0.05)"
+        }
         for row in case["estimates"]:
             assert row["z"] <= validate.Z_LIMIT
+        for row in case["block_estimates"]:
+            assert row["z"] <= validate.Z_LIMIT
+        assert case["diagonal"]["fraction_within"] >= 0.9
 
 
 def test_linear_case_reports_nested_blocks(capsys):
@@ -72,6 +77,43 @@ def test_biased_estimate_fails(monkeypatch, capsys):
     assert "FAILED" in output
     assert "linear: hutchinson gave" in output
     assert "standard errors from the exact trace" in output
+
+
+def test_biased_block_trace_fails(monkeypatch, capsys):
+    original = validate.checks.hutch.block_traces
+
+    def shifted(op, num_matvecs, **kwargs):
+        parts = original(op, num_matvecs, **kwargs)
+        first = next(iter(parts))
+        estimate = parts[first]
+        parts._estimates[first] = TraceEstimate(
+            estimate.value + 1.0, 0.01, estimate.num_matvecs, estimate.method, estimate.num_samples
+        )
+        return parts
+
+    monkeypatch.setattr(validate.checks.hutch, "block_traces", shifted)
+    status = validate.main(["--cases", "linear", "--quiet"])
+    output = capsys.readouterr().out
+
+    assert status == 1
+    assert "block trace of module" in output
+    assert "block traces sum to" in output
+
+
+def test_wrong_diagonal_fails(monkeypatch, capsys):
+    def wrong(op, num_matvecs, **kwargs):
+        return hutch.DiagonalEstimate(
+            values=torch.full((op.num_params,), 100.0, dtype=op.dtype),
+            std_error=torch.full((op.num_params,), 0.01, dtype=op.dtype),
+            num_matvecs=num_matvecs, method="wrong", num_samples=num_matvecs,
+        )
+
+    monkeypatch.setattr(validate.checks.hutch, "diagonal", wrong)
+    status = validate.main(["--cases", "linear", "--quiet"])
+    output = capsys.readouterr().out
+
+    assert status == 1
+    assert "diagonal estimate: only 0.0% of entries" in output
 
 
 def test_disagreeing_exact_paths_fail(monkeypatch, capsys):
