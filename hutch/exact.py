@@ -6,7 +6,13 @@ from typing import Optional
 
 import torch
 
-from hutch._sampling import check_batch_size, operator_info
+from hutch._sampling import (
+    check_batch_size,
+    check_distribution,
+    check_num_matvecs,
+    operator_info,
+    resolve_generator,
+)
 from hutch.linop import OperatorLike, as_linear_operator
 from hutch.result import TraceEstimate
 
@@ -81,3 +87,38 @@ def exact_estimate(A, method: str, batch_size: Optional[int]) -> TraceEstimate:
         value=value, std_error=0.0, num_matvecs=n, method=method, num_samples=n, exact=True,
         info=operator_info(A),
     )
+
+
+def begin_trace_estimate(
+    A: OperatorLike,
+    num_matvecs: int,
+    method: str,
+    minimum: int,
+    distribution: str,
+    generator: Optional[torch.Generator],
+    seed: Optional[int],
+    batch_size: Optional[int],
+):
+    """Check the arguments every trace estimator shares, and start the estimate.
+
+    A budget that covers the dimension n is valid whatever ``minimum`` is:
+    the trace is then computed exactly from n unit vectors.
+
+    Returns:
+        ``(A, generator, seed, exact)``: ``A`` as a linear operator, the
+        generator to draw from and its seed, and the exact
+        :class:`TraceEstimate` when ``num_matvecs >= n`` (the estimator
+        returns it as it is), else ``None``.
+
+    Raises:
+        TypeError, ValueError: As the shared argument checks raise, naming
+            the argument.
+    """
+    A = as_linear_operator(A)
+    check_distribution(distribution)
+    check_batch_size(batch_size)
+    generator, seed = resolve_generator(generator, seed, A)
+    if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs >= A.shape[0]:
+        return A, generator, seed, exact_estimate(A, method, batch_size)
+    check_num_matvecs(num_matvecs, minimum, method)
+    return A, generator, seed, None

@@ -8,16 +8,12 @@ from typing import Optional
 import torch
 
 from hutch._sampling import (
-    check_batch_size,
-    check_distribution,
-    check_num_matvecs,
     operator_info,
     probe_block_size,
-    resolve_generator,
     sample_probes,
 )
-from hutch.exact import exact_estimate
-from hutch.linop import OperatorLike, as_linear_operator
+from hutch.exact import begin_trace_estimate
+from hutch.linop import OperatorLike
 from hutch.result import TraceEstimate
 
 
@@ -80,14 +76,12 @@ def hutchinson(
         >>> est.value  # a diagonal matrix has zero Rademacher variance
         5050.0
     """
-    A = as_linear_operator(A)
-    check_num_matvecs(num_matvecs, 1, "hutchinson")
-    check_distribution(distribution)
-    check_batch_size(batch_size)
-    generator, seed = resolve_generator(generator, seed, A)
+    A, generator, seed, exact = begin_trace_estimate(
+        A, num_matvecs, "hutchinson", 1, distribution, generator, seed, batch_size
+    )
+    if exact is not None:
+        return exact
     n = A.shape[0]
-    if num_matvecs >= n:
-        return exact_estimate(A, "hutchinson", batch_size)
 
     step = probe_block_size(A, batch_size)
     terms = []

@@ -7,18 +7,14 @@ from typing import Optional
 import torch
 
 from hutch._sampling import (
-    check_batch_size,
-    check_distribution,
-    check_num_matvecs,
     chunked_matmat,
     operator_info,
     probe_block_size,
-    resolve_generator,
     sample_probes,
 )
-from hutch.exact import exact_estimate
+from hutch.exact import begin_trace_estimate
 from hutch.hutchinson import _std_error
-from hutch.linop import OperatorLike, as_linear_operator
+from hutch.linop import OperatorLike
 from hutch.result import TraceEstimate
 
 # Hutch++ needs one sketch column, its product, and two residual probes.
@@ -103,14 +99,12 @@ def hutchpp(
         >>> round(hutch.hutchpp(A, 12, seed=0).value, 8)  # rank 3 <= k = 4
         8.0
     """
-    A = as_linear_operator(A)
-    check_distribution(distribution)
-    check_batch_size(batch_size)
-    generator, seed = resolve_generator(generator, seed, A)
+    A, generator, seed, exact = begin_trace_estimate(
+        A, num_matvecs, "hutchpp", MIN_MATVECS, distribution, generator, seed, batch_size
+    )
+    if exact is not None:
+        return exact
     n = A.shape[0]
-    if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs >= n:
-        return exact_estimate(A, "hutchpp", batch_size)
-    check_num_matvecs(num_matvecs, MIN_MATVECS, "hutchpp")
 
     step = probe_block_size(A, batch_size)
     k = num_matvecs // 3

@@ -18,17 +18,13 @@ import torch
 
 from hutch._sampling import (
     probe_block_size,
-    check_batch_size,
-    check_distribution,
-    check_num_matvecs,
     chunked_matmat,
     operator_info,
-    resolve_generator,
     sample_probes,
 )
-from hutch.exact import exact_estimate
+from hutch.exact import begin_trace_estimate
 from hutch.hutchinson import _std_error
-from hutch.linop import OperatorLike, as_linear_operator
+from hutch.linop import OperatorLike
 from hutch.result import TraceEstimate
 
 # XTrace needs two test vectors (four products) for a leave-one-out spread.
@@ -168,14 +164,12 @@ def xtrace(
         >>> round(hutch.xtrace(A, 10, seed=0).value, 8)  # rank 3 < k - 1 = 4
         16.0
     """
-    A = as_linear_operator(A)
-    check_distribution(distribution)
-    check_batch_size(batch_size)
-    generator, seed = resolve_generator(generator, seed, A)
+    A, generator, seed, exact = begin_trace_estimate(
+        A, num_matvecs, "xtrace", XTRACE_MIN_MATVECS, distribution, generator, seed, batch_size
+    )
+    if exact is not None:
+        return exact
     n = A.shape[0]
-    if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs >= n:
-        return exact_estimate(A, "xtrace", batch_size)
-    check_num_matvecs(num_matvecs, XTRACE_MIN_MATVECS, "xtrace")
 
     step = probe_block_size(A, batch_size)
     k = num_matvecs // 2
@@ -324,14 +318,12 @@ def xnystrace(
         >>> round(hutch.xnystrace(A, 5, seed=0).value, 6)  # rank 3 < k - 1 = 4
         16.0
     """
-    A = as_linear_operator(A)
-    check_distribution(distribution)
-    check_batch_size(batch_size)
-    generator, seed = resolve_generator(generator, seed, A)
+    A, generator, seed, exact = begin_trace_estimate(
+        A, num_matvecs, "xnystrace", XNYSTRACE_MIN_MATVECS, distribution, generator, seed, batch_size
+    )
+    if exact is not None:
+        return exact
     n = A.shape[0]
-    if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs >= n:
-        return exact_estimate(A, "xnystrace", batch_size)
-    check_num_matvecs(num_matvecs, XNYSTRACE_MIN_MATVECS, "xnystrace")
 
     k = num_matvecs
 
