@@ -73,7 +73,7 @@ def _batches(inputs: torch.Tensor, targets: torch.Tensor, size: int, device) -> 
 
 
 def linear_case(seed: int, device: torch.device, dtype: torch.dtype) -> Case:
-    """``nn.Linear(2, 2)`` on one uniform input of shape (1, 2), cross-entropy with target class 1."""
+    """Build ``nn.Linear(2, 2)`` on one uniform input of shape (1, 2), cross-entropy with target class 1."""
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -92,7 +92,7 @@ def linear_case(seed: int, device: torch.device, dtype: torch.dtype) -> Case:
 
 
 def mlp_case(seed: int, device: torch.device, dtype: torch.dtype) -> Case:
-    """An MLP 64-32-10 with biases, trained briefly on all 1,797 digits; loss over the whole set."""
+    """Build an MLP 64-32-10 with biases, trained briefly on all 1,797 digits, with the loss over the whole set."""
     images, labels = load_digits_tensors(dtype)
     inputs = images.reshape(-1, 64)
     with torch.random.fork_rng(devices=[]):
@@ -111,7 +111,7 @@ def mlp_case(seed: int, device: torch.device, dtype: torch.dtype) -> Case:
 
 
 def cnn_case(seed: int, device: torch.device, dtype: torch.dtype) -> Case:
-    """A small CNN (conv 1->6, 3x3, ReLU, 2x2 average pool, linear 96->10) on 512 digits."""
+    """Build a small CNN (conv 1->6, 3x3, ReLU, 2x2 average pool, linear 96->10), trained briefly on 512 digits."""
     images, labels = load_digits_tensors(dtype)
     inputs, labels = images[:512, None], labels[:512]
     with torch.random.fork_rng(devices=[]):
