@@ -78,4 +78,7 @@ class TraceEstimate:
     def __str__(self) -> str:
         if self.exact:
             return f"{self.value:.6g} (exact, {self.num_matvecs} matvecs)"
-        return f"{self.value:.6g} ± {self.std_error:.2g} ({self.method}, {self.num_matvecs} matvecs)"
+        details = f"{self.method}, {self.num_matvecs} matvecs"
+        if self.info.get("converged") is False:
+            details += ", tolerance not met"
+        return f"{self.value:.6g} ± {self.std_error:.2g} ({details})"

@@ -74,6 +74,8 @@ def test_relative_error():
 def test_string_forms():
     assert str(estimate()) == "10 ± 0.5 (hutchinson, 10 matvecs)"
     assert str(estimate(exact=True, std_error=0.0)) == "10 (exact, 10 matvecs)"
+    assert str(estimate(info={"converged": False})) == "10 ± 0.5 (hutchinson, 10 matvecs, tolerance not met)"
+    assert str(estimate(info={"converged": True})) == "10 ± 0.5 (hutchinson, 10 matvecs)"
 
 
 def test_frozen_and_info_not_compared():

@@ -138,6 +138,7 @@ def test_disagreeing_exact_paths_fail(monkeypatch, capsys):
         (["--matvecs", "2"], "--matvecs must be at least 4"),
         (["--seed", "-1"], "--seed must be non-negative"),
         (["--device", "nonsense"], "is not a torch device"),
+        (["--threads", "0"], "--threads must be a positive int"),
     ],
 )
 def test_bad_options_exit_two(argv, message, capsys):
@@ -178,7 +179,7 @@ def test_cli_validate_subcommand_runs(capsys):
 
     status = cli.main(["validate", "--cases", "linear", "--quiet"])
     assert status == 0
-    assert "OK: 1 cases" in capsys.readouterr().out
+    assert "OK: 1 case;" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
