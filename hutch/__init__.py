@@ -7,7 +7,7 @@ The pieces, in the order a user meets them:
 - :func:`hutchinson` and :func:`hutchpp` estimate the trace of any square
   linear operator and return a :class:`TraceEstimate` with a standard error.
 - :func:`exact_trace`, :func:`exact_diagonal` and
-  :meth:`HessianOperator.to_dense` give exact answers for small models.
+  :meth:`HessianOperator.to_dense` give exact values for small models.
 - :func:`trace` is the one-line call for a model.
 """
 

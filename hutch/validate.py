@@ -1,9 +1,9 @@
 """The validation harness: exact and estimated Hessian traces, side by side.
 
 For each case (a model, a loss and data) the harness computes the exact
-trace of the loss Hessian along independent paths, checks that they agree,
-then runs each estimator and checks that its value lies within a band of
-its own standard error around the exact trace. Run it as ``hutch validate``
+trace of the loss Hessian along independent paths and checks that they
+agree. Then it runs each estimator and checks that its value lies within a
+band of its own standard error around the exact trace. Run it as ``hutch validate``
 or ``python -m hutch.validate``; ``--help`` lists the options.
 
 Exact paths:
@@ -42,7 +42,7 @@ from hutch.operator import HessianOperator
 # An estimate fails when it lies farther than this many of its own standard
 # errors from the exact trace.
 Z_LIMIT = 5.0
-# How the report names each exact path.
+# Report label of each exact path.
 EXACT_PATH_LABELS = {
     "dense": "dense, forward-over-reverse",
     "double-backward": "diagonal, double backward",
@@ -61,7 +61,7 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 @dataclass
 class CaseReport:
-    """What the harness found for one case."""
+    """Results and failures of one harness case."""
 
     name: str
     description: str

@@ -116,7 +116,8 @@ def test_same_seed_same_result():
     A = matrix_with_spectrum(spectrum("slow", 200), seed=7)
     first = hutch.adaptive_trace(A, rtol=0.02, seed=3)
     second = hutch.adaptive_trace(A, rtol=0.02, seed=3)
-    assert first.value == second.value and first.num_matvecs == second.num_matvecs
+    assert first.value == second.value
+    assert first.num_matvecs == second.num_matvecs
     assert first.seed == 3
 
 
@@ -193,7 +194,8 @@ def test_trace_runs_xtrace(mlp, mlp_data):
     from torch.nn import functional as F
 
     est = hutch.trace(mlp, F.cross_entropy, mlp_data, method="xtrace", num_matvecs=12, seed=0)
-    assert est.method == "xtrace" and est.num_matvecs == 12
+    assert est.method == "xtrace"
+    assert est.num_matvecs == 12
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert hutch.trace(mlp, F.cross_entropy, mlp_data, method="xtrace", num_matvecs=12, seed=0).value == est.value

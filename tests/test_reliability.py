@@ -654,7 +654,8 @@ def test_caller_tensors_and_grads_untouched(path):
     assert torch.equal(model[1].weight.grad, saved_grad)
     assert model[1].bias.grad is None
     assert all(p.requires_grad for p in model.parameters())
-    assert not product.requires_grad and product.grad_fn is None
+    assert not product.requires_grad
+    assert product.grad_fn is None
 
 
 def live_tensor_count():
