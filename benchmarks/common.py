@@ -175,6 +175,8 @@ def run_in_child(spec: dict, timeout: float) -> dict:
     """Run one configuration in a fresh Python process and return its result record."""
     command = [sys.executable, str(BENCH_DIR / "common.py"), json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH_DIR), os.environ.get("PYTHONPATH", "")]))
+    if spec.get("malloc_mmap_threshold"):
+        env["MALLOC_MMAP_THRESHOLD_"] = str(spec["malloc_mmap_threshold"])
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)

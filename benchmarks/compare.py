@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's")
     parser.add_argument("--memory-limit-gib", type=float, default=10.0,
                         help="CPU only: address space a configuration may add before it fails as out of memory")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                        help="bytes; sets glibc's MALLOC_MMAP_THRESHOLD_ in every measuring process, so "
+                             "freed large blocks go back to the OS and the resident set tracks live memory")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a configuration is stopped")
     parser.add_argument("--out", type=Path, default=common.BENCH_DIR / "results",
                         help="folder for compare-<device>.json and compare-<device>.md")
@@ -106,6 +109,7 @@ def run_workload(name: str, methods: list[str], args) -> dict:
         "threads": (args.resnet18_threads or args.threads) if is_large else args.threads,
         "memory_limit_gib": args.memory_limit_gib,
         "unit_gradients": min(args.resnet18_unit_gradients, num_matvecs) if is_large else num_matvecs,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
     }
     records = []
 
@@ -170,7 +174,10 @@ def to_markdown(payload: dict) -> str:
     matvecs = "; ".join(
         f"{r['workload']} {r['records'][0]['num_matvecs']} matvecs x {r['records'][0]['repeats']} repeats, "
         f"torch threads {r['records'][0]['threads'] or 'default'}" for r in results)
-    parts += [f"Budget: {matvecs}; seed {payload['args']['seed']}.", ""]
+    threshold = payload["args"].get("malloc_mmap_threshold")
+    allocator = (f"; glibc MALLOC_MMAP_THRESHOLD_={threshold}" if threshold
+                 else "; glibc's default allocator settings")
+    parts += [f"Budget: {matvecs}; seed {payload['args']['seed']}{allocator}.", ""]
 
     parts += ["Time of one Hutchinson trace over the time of as many gradients, timed alternately in "
               "the same process, fastest run of each (seconds of the fastest trace in brackets):", ""]
@@ -228,8 +235,9 @@ def to_markdown(payload: dict) -> str:
                 notes.append(f"- {r['workload']}, {label(record)}: {record['workaround']}")
             hvp = (record.get("info") or {}).get("hvp_path")
             if hvp:
+                settings = record["info"].get("settings")
                 notes.append(f"- {r['workload']}, {record['method']}: operator reported hvp_path={hvp!r}, "
-                             f"batch_size={record['info'].get('batch_size')}")
+                             f"batch_size={record['info'].get('batch_size')}" + (f"; {settings}" if settings else ""))
     if notes:
         parts += ["Notes:", ""] + notes + [""]
     return "\n".join(parts)

@@ -81,12 +81,14 @@ def memory_budget(device: torch.device, requested: Optional[int]) -> int:
     return CPU_BUDGET_BYTES
 
 
-def plan_memory(op, batch, budget: int) -> tuple[int, bool]:
-    """Return the probes per vectorized chunk, and whether a gradient graph fits beside one chunk.
+def plan_memory(op, batch, budget: int) -> tuple[int, bool, bool]:
+    """Return the probes per vectorized chunk, whether a gradient graph fits beside one chunk, and whether one probe fits.
 
     A chunk gets what the budget leaves after the graph when the graph
     fits, and the whole budget otherwise; it is at least 1 probe, so a
-    budget below one probe's needs still runs, one probe at a time.
+    budget below one probe's needs still runs, one probe at a time. The
+    third value says whether a single forward-over-reverse product fits
+    the budget at all.
     """
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     activations = activation_numel(op.model, op._current_params(), op._fixed_tensors(), batch.inputs)
@@ -96,4 +98,4 @@ def plan_memory(op, batch, budget: int) -> tuple[int, bool]:
     keep_graph = graph + per_probe <= budget
     room = budget - graph if keep_graph else budget
     chunk = int(max(1, min(MAX_CHUNK, room // per_probe)))
-    return chunk, keep_graph
+    return chunk, keep_graph, per_probe <= budget

@@ -13,7 +13,7 @@ from hutch._sampling import (
     sample_probes,
 )
 from hutch.exact import begin_trace_estimate
-from hutch.linop import OperatorLike
+from hutch.linop import OperatorLike, quadratic_forms
 from hutch.result import TraceEstimate
 
 
@@ -87,10 +87,12 @@ def hutchinson(
     terms = []
 
     # Each block of probes is drawn, multiplied and reduced to its terms
-    # z_i^T A z_i, so only one (n, step) block is alive at a time.
+    # z_i^T A z_i, so only one (n, step) block is alive at a time. An
+    # operator with quadratic_forms reduces the products itself and never
+    # holds A Z.
     for start in range(0, num_matvecs, step):
         Z = sample_probes(n, min(step, num_matvecs - start), distribution, generator, A.dtype, A.device)
-        terms.append((Z * A.matmat(Z)).sum(dim=0))
+        terms.append(quadratic_forms(A, Z))
     terms = torch.cat(terms).double()
 
     return TraceEstimate(

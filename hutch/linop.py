@@ -6,6 +6,13 @@ an ``(n, k)`` block of vectors. A :class:`~hutch.HessianOperator`, a square
 ``torch.Tensor`` and any user object with those attributes all qualify, so
 estimators can be tested on matrices with known spectra and then run on a
 model's Hessian unchanged.
+
+An operator may also offer ``quadratic_forms(V)``, returning
+``v_i^T A v_i`` for each column without holding ``A V``. Hutchinson's
+estimator needs nothing else, and :class:`~hutch.HessianOperator` computes
+these numbers parameter by parameter, which saves the memory of the
+``(n, k)`` product on a large model. Operators without it are reduced from
+``matmat``.
 """
 
 from __future__ import annotations
@@ -49,6 +56,27 @@ class DenseOperator:
 
     def __repr__(self) -> str:
         return f"DenseOperator(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+def quadratic_forms(A: LinearOperator, V: torch.Tensor) -> torch.Tensor:
+    """Return ``v_i^T A v_i`` for each column of ``V`` ``(n, k)``, shape ``(k,)``.
+
+    Uses ``A.quadratic_forms`` when the operator has it; otherwise reduces
+    ``A.matmat(V)`` column by column with a batched dot product, which
+    makes no temporary of ``V``'s size.
+    """
+    method = getattr(A, "quadratic_forms", None)
+    if callable(method):
+        forms = method(V)
+        if not isinstance(forms, torch.Tensor) or tuple(forms.shape) != (V.shape[1],):
+            got = tuple(forms.shape) if isinstance(forms, torch.Tensor) else type(forms).__name__
+            raise ValueError(
+                f"{type(A).__name__}.quadratic_forms returned {got} for {V.shape[1]} columns; it "
+                f"must return a tensor of shape ({V.shape[1]},), one v^T A v per column"
+            )
+        return forms
+    products = A.matmat(V)
+    return torch.bmm(V.T.unsqueeze(1), products.T.unsqueeze(2)).reshape(-1)
 
 
 def as_linear_operator(A: object, arg: str = "A") -> LinearOperator:

@@ -280,6 +280,7 @@ class HessianOperator:
         self._batch_size = batch_size
         self.memory_budget = memory_budget
         self._keep_graph: Optional[bool] = None
+        self._forward_fits: Optional[bool] = None
         self._kept: Optional[_KeptGraph] = None
 
         self.hvp = hvp
@@ -387,7 +388,7 @@ class HessianOperator:
         if first is None:
             raise ValueError("data yielded no batches; pass at least one (inputs, targets) batch")
         budget = memory_budget(self.device, self.memory_budget)
-        chunk, fits = plan_memory(self, first, budget)
+        chunk, fits, self._forward_fits = plan_memory(self, first, budget)
         if self._batch_size is None:
             self._batch_size = chunk
         self._keep_graph = fits and self._data_is_one_batch()
@@ -425,28 +426,71 @@ class HessianOperator:
                 disagree on the first product.
         """
         self._check_vector(V, ndim=2, arg="V")
+        out = torch.empty(V.shape[1], self.num_params, dtype=self.dtype, device=self.device)
+        return self._products(V, out, quadratic=False).T
+
+    def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
+        """Return ``v_i^T H v_i`` for each column ``v_i`` of ``V``, shape ``(k,)``.
+
+        This is the diagonal of ``V^T H V``, the only thing Hutchinson's
+        estimator needs, computed without holding ``H V``: each data
+        batch's product with a chunk of columns is reduced to k numbers
+        parameter by parameter and dropped. A trace over several data
+        batches then never holds a ``(P, k)`` result or running sum, which
+        saves one to two gradients' worth of memory on a large model. The
+        products are the same as :meth:`matmat`'s, along the same path.
+
+        Args:
+            V: Columns of shape ``(P, k)`` in the operator's dtype and on its
+                device.
+
+        Returns:
+            A ``(k,)`` tensor in the operator's dtype; the sums over the
+            parameters are accumulated in float64.
+
+        Raises:
+            The same errors as :meth:`matmat`.
+        """
+        self._check_vector(V, ndim=2, arg="V")
+        out = torch.zeros(V.shape[1], dtype=torch.float64, device=self.device)
+        return self._products(V, out, quadratic=True).to(self.dtype)
+
+    def _products(self, V: torch.Tensor, out: torch.Tensor, quadratic: bool) -> torch.Tensor:
+        """Fill ``out`` with ``(H V).T`` or, if ``quadratic``, with ``diag(V^T H V)``; return it."""
         if V.shape[1] == 0:
-            return torch.zeros(self.num_params, 0, dtype=self.dtype, device=self.device)
+            return out
         if self._cross_check_pending:
             self._cross_check_pending = False
             self._run_cross_check(V[:, :CROSS_CHECK_COLUMNS])
 
         if self.hvp != AUTO:
-            return self._matmat_forced(V)
-        out = torch.empty(V.shape[1], self.num_params, dtype=self.dtype, device=self.device)
-        if self._path is None:
-            self._matmat_first(V[:, :1], out[:1])
+            return self._matmat_forced(V, out, quadratic)
+        if self._path is None and self._forward_check_fits():
+            self._matmat_first(V[:, :1], out[:1], quadratic)
             if V.shape[1] == 1:
-                return out.T
+                return out
             V, rows = V[:, 1:], out[1:]
         else:
             rows = out
-        self._matmat_preferred(V, rows)
-        return out.T
+        self._matmat_preferred(V, rows, quadratic)
+        return out
 
-    def _matmat_forced(self, V: torch.Tensor) -> torch.Tensor:
+    def _forward_check_fits(self) -> bool:
+        """Whether ``hvp="auto"`` may check forward-over-reverse on one column within the memory budget.
+
+        A forward-over-reverse product repeats the forward and backward
+        pass with tangents, so on a large model one column can take more
+        memory than all later reverse-over-reverse products. When the
+        budget does not cover it, ``"auto"`` starts reverse-over-reverse
+        and tries forward-over-reverse only if that fails.
+        """
+        if self._forward_fits is None:
+            self._plan_memory()
+        return self._forward_fits
+
+    def _matmat_forced(self, V: torch.Tensor, out: torch.Tensor, quadratic: bool) -> torch.Tensor:
         try:
-            return self._matmat_along(self._path, V).T
+            return self._matmat_along(self._path, V, out=out, quadratic=quadratic)
         except HVPError:
             raise
         except (RuntimeError, NotImplementedError) as error:
@@ -461,19 +505,19 @@ class HessianOperator:
                 "automatically"
             ) from error
 
-    def _matmat_first(self, V: torch.Tensor, out: torch.Tensor) -> None:
+    def _matmat_first(self, V: torch.Tensor, out: torch.Tensor, quadratic: bool) -> None:
         """Check forward-over-reverse on the first product's first column, falling back if it fails."""
         forward = self._paths[FORWARD_OVER_REVERSE]
         reverse = self._paths[REVERSE_OVER_REVERSE]
         try:
-            self._matmat_along(forward, V, out=out)
+            self._matmat_along(forward, V, out=out, quadratic=quadratic)
         except HVPError:
             raise
         except (RuntimeError, NotImplementedError) as forward_error:
             # Only a failure specific to forward mode leads to the other path:
             # if reverse-over-reverse fails too, the operation supports neither.
             try:
-                self._matmat_along(reverse, V, out=out)
+                self._matmat_along(reverse, V, out=out, quadratic=quadratic)
             except NonFiniteHVPError:
                 self._fall_back(forward_error, V)
                 raise
@@ -489,7 +533,7 @@ class HessianOperator:
             return
         self._path = forward
 
-    def _matmat_preferred(self, V: torch.Tensor, out: torch.Tensor) -> None:
+    def _matmat_preferred(self, V: torch.Tensor, out: torch.Tensor, quadratic: bool) -> None:
         """Run ``hvp="auto"`` products after the first along the preferred path.
 
         Reverse-over-reverse is preferred; where it fails, or gives NaN or
@@ -499,7 +543,7 @@ class HessianOperator:
         path = self._preferred
         forward = self._paths[FORWARD_OVER_REVERSE]
         try:
-            self._matmat_along(path, V, out=out)
+            self._matmat_along(path, V, out=out, quadratic=quadratic)
         except (NonFiniteHVPError, RuntimeError, NotImplementedError) as error:
             retry = (
                 path is not forward
@@ -513,20 +557,25 @@ class HessianOperator:
                 "forward-over-reverse products from now on", type(error).__name__, first_line(error),
             )
             self._preferred = path = forward
-            self._matmat_along(path, V, out=out)
+            self._matmat_along(path, V, out=out, quadratic=quadratic)
         self._path = path
 
     def _matmat_along(
         self, path, V: torch.Tensor, check_finite: bool = True, out: Optional[torch.Tensor] = None,
-        keep: bool = True,
+        keep: bool = True, quadratic: bool = False,
     ) -> torch.Tensor:
         """Return ``(H @ V).T``, shape ``(k, P)``, computed along ``path``, written into ``out`` if given.
 
-        ``keep=False`` neither uses nor stores a kept gradient graph.
+        With ``quadratic=True``, ``out`` is a float64 tensor of shape
+        ``(k,)`` and receives ``diag(V^T H V)`` instead. ``keep=False``
+        neither uses nor stores a kept gradient graph.
         """
         k = V.shape[1]
         if out is None:
             out = torch.empty(k, self.num_params, dtype=self.dtype, device=self.device)
+        if quadratic:
+            # Batches add into out, and a path that failed part-way may have written to it.
+            out.zero_()
         chunk = self.batch_size
         rows = V.T
         total_weight = 0
@@ -536,7 +585,13 @@ class HessianOperator:
             weight = num_samples if self.reduction == "mean" else 1
             total_weight += num_samples
             for start in range(0, k, chunk):
-                products = apply(self.layout.split(rows[start : start + chunk]))
+                tangents = self.layout.split(rows[start : start + chunk])
+                products = apply(tangents)
+                if quadratic:
+                    forms = self._reduce(products, tangents, index, path.name, check_finite)
+                    out[start : start + chunk].add_(forms, alpha=weight)
+                    del products, forms
+                    continue
                 target = out[start : start + chunk]
                 if index == 0:
                     torch.cat([products[s.name].reshape(target.shape[0], -1) for s in self.layout], dim=1, out=target)
@@ -559,6 +614,26 @@ class HessianOperator:
         if self.reduction == "mean":
             out /= total_weight
         return out
+
+    def _reduce(self, products, tangents, index: int, path: str, check_finite: bool) -> torch.Tensor:
+        """Return ``sum over parameters of <t_i, (H t)_i>`` per tangent, in float64, shape ``(c,)``.
+
+        Each parameter's block is reduced with a batched dot product, so no
+        temporary of the block's size is made. A NaN or Inf entry of a
+        product makes its parameter's sum non-finite, because no probe entry
+        is zero, so the check on the sums finds what the check on the
+        products would.
+        """
+        sums = []
+        for slot in self.layout:
+            product = products[slot.name].reshape(-1, 1, slot.numel)
+            tangent = tangents[slot.name].reshape(-1, slot.numel, 1)
+            sums.append(torch.bmm(product, tangent).reshape(-1).double())
+        sums = torch.stack(sums)
+        if check_finite and not bool(torch.isfinite(sums).all()):
+            names = [slot.name for slot, row in zip(self.layout, sums) if not bool(torch.isfinite(row).all())]
+            self._raise_non_finite(names, index, path)
+        return sums.sum(dim=0)
 
     def _batch_products(self, path, keep: bool) -> Iterator[tuple[int, int, Callable]]:
         """Yield ``(batch index, samples, block product)`` for each data batch, reusing a kept graph."""
@@ -601,6 +676,10 @@ class HessianOperator:
         if bool(finite.all()):
             return
         names = [s.name for s in self.layout if not bool(finite[:, s.offset : s.stop].all())]
+        self._raise_non_finite(names, index, path)
+
+    @staticmethod
+    def _raise_non_finite(names: list[str], index: int, path: str) -> None:
         raise NonFiniteHVPError(
             f"{path} Hessian-vector products on data batch {index} have NaN or Inf entries "
             f"for parameters {names}. The loss is not twice differentiable at the current "
