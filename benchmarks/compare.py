@@ -5,7 +5,9 @@ in one invocation of this script:
 
 - ``gradients``: ``num_matvecs`` plain gradients, the unit of time;
 - ``hutch:*``: :func:`hutch.hutchinson` on a :class:`hutch.HessianOperator`,
-  once per value of the operator's ``hvp`` keyword;
+  once per value of the operator's ``hvp`` keyword, and once as
+  ``hutch:low-memory`` with the data in micro-batches and a memory budget of
+  a few gradients;
 - ``raw:*``: the candidate HVP paths of ``paths.py``;
 - ``peer:*``: PyHessian, curvlinops and hessian-eigenthings, when installed
   (``pip install -e ".[bench]"``).
@@ -22,6 +24,13 @@ Usage::
     python benchmarks/compare.py --workloads mlp,cnn,transformer --repeats 5
     python benchmarks/compare.py --workloads resnet18 --repeats 1 --resnet18-matvecs 100
     python benchmarks/compare.py --device cuda   # GPU variant, same tables
+
+On Linux, glibc keeps freed blocks below its mmap threshold for reuse, and
+raises that threshold as large blocks are freed, so the resident set also
+counts memory that no tensor holds. ``--malloc-mmap-threshold 65536`` fixes
+the threshold in every measuring process, so freed tensors go back to the
+operating system and the peak tracks live memory; the tables say which
+setting produced them.
 """
 
 from __future__ import annotations

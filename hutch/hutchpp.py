@@ -14,7 +14,7 @@ from hutch._sampling import (
 )
 from hutch.exact import begin_trace_estimate
 from hutch.hutchinson import _std_error
-from hutch.linop import OperatorLike
+from hutch.linop import OperatorLike, quadratic_forms
 from hutch.result import TraceEstimate
 
 # Hutch++ needs one sketch column, its product, and two residual probes.
@@ -123,7 +123,7 @@ def hutchpp(
     for start in range(0, r, step):
         G = sample_probes(n, min(step, r - start), distribution, generator, A.dtype, A.device)
         G = G - Q @ (Q.T @ G)
-        terms.append((G * A.matmat(G)).sum(dim=0))
+        terms.append(quadratic_forms(A, G))
     terms = torch.cat(terms).double()
 
     return TraceEstimate(

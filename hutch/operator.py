@@ -110,11 +110,12 @@ class HessianOperator:
     hold every batch's activations at once.
 
     With ``hvp="auto"`` the first product checks forward-over-reverse on its
-    first column. If that fails and reverse-over-reverse succeeds, the
-    operator warns once with an :class:`~hutch.operator.HVPFallbackWarning`
-    that names the failing operation. Either way, the other columns and all
-    later products run reverse-over-reverse, which measured faster than
-    forward-over-reverse on every CPU benchmark workload (an MLP, a CNN, a
+    first column, when one such product fits in ``memory_budget``. If that
+    fails and reverse-over-reverse succeeds, the operator warns once with an
+    :class:`~hutch.operator.HVPFallbackWarning` that names the failing
+    operation. Either way, the other columns and all later products run
+    reverse-over-reverse, which measured faster than forward-over-reverse
+    on every CPU benchmark workload (an MLP, a CNN, a
     transformer encoder, ResNet-18), because it does not repeat the forward
     and backward pass per chunk. If reverse-over-reverse then fails or gives
     NaN or Inf entries where forward-over-reverse ran, ``"auto"`` uses
@@ -189,7 +190,10 @@ class HessianOperator:
             allows 1 GiB on the CPU or a quarter of the free memory on a
             GPU. A smaller budget trades speed for memory: with a budget
             below a kept graph plus one probe, each matmat call rebuilds the
-            graph, and chunks shrink to one column.
+            graph, and chunks shrink to one column; below one
+            forward-over-reverse product, ``hvp="auto"`` skips its check of
+            that path. The activations are bounded by the data's batches:
+            pass a list of smaller batches to lower them.
         seed: Seed of the forward pass's randomness, a non-negative int.
             ``None`` lets each estimate choose it from its generator.
         cross_check: If True, the first product also runs on the other path

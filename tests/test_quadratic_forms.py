@@ -190,3 +190,22 @@ def test_auto_checks_forward_mode_when_the_budget_allows():
     with pytest.warns(HVPFallbackWarning, match="mse_loss"):
         op.matvec(torch.ones(3, dtype=torch.float64))
     assert op.hvp_path == REVERSE
+
+
+def test_hutchpp_reduces_its_residual_with_quadratic_forms():
+    matrix = torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64))
+    A = CountingOperator(matrix)
+    estimate = hutch.hutchpp(A, 12, seed=0, batch_size=4)
+    assert A.calls["quadratic_forms"] == 1
+    assert A.calls["matmat"] == 2
+    assert estimate.num_matvecs == 12
+
+
+def test_adaptive_hutchinson_calls_only_quadratic_forms():
+    matrix = torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64))
+    A = CountingOperator(matrix)
+    estimate = hutch.adaptive_trace(A, rtol=0.5, method="hutchinson", seed=0, batch_size=4)
+    assert A.calls["matmat"] == 0
+    assert A.calls["quadratic_forms"] >= 1
+    # A diagonal matrix has zero Rademacher variance: every term is the trace.
+    assert estimate.value == pytest.approx(820.0, rel=1e-14)
