@@ -171,10 +171,16 @@ def is_out_of_memory(error: BaseException) -> bool:
 # --- one configuration, in a child process --------------------------------------
 
 
-def run_in_child(spec: dict, timeout: float) -> dict:
-    """Run one configuration in a fresh Python process and return its result record."""
-    command = [sys.executable, str(BENCH_DIR / "common.py"), json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH_DIR), os.environ.get("PYTHONPATH", "")]))
+def run_in_child(spec: dict, timeout: float, script: list[str] | None = None, extra_env: dict | None = None) -> dict:
+    """Run one configuration in a fresh Python process and return its result record.
+
+    ``script`` is the command line after the interpreter, before the spec
+    (default: this module, whose ``child_main`` measures ``spec``); the
+    child prints its record on a line starting with ``RESULT_PREFIX``.
+    """
+    command = [sys.executable] + (script or [str(BENCH_DIR / "common.py")]) + [json.dumps(spec)]
+    python_path = os.pathsep.join([str(BENCH_DIR), str(REPO_DIR), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=python_path, **(extra_env or {}))
     if spec.get("malloc_mmap_threshold"):
         env["MALLOC_MMAP_THRESHOLD_"] = str(spec["malloc_mmap_threshold"])
     started = time.perf_counter()
@@ -315,6 +321,26 @@ def cost_in_gradients(record: dict) -> float:
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def new_payload(env: dict, args) -> dict:
+    """Start a result file's content: the environment, the command-line arguments, no results yet."""
+    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {"environment": env, "args": arguments, "results": []}
+
+
+def save_results(payload: dict, out: Path, stem: str, to_markdown) -> None:
+    """Write ``payload`` as ``out/stem.json`` and its tables as ``out/stem.md``."""
+    write_json(out / f"{stem}.json", payload)
+    (out / f"{stem}.md").write_text(to_markdown(payload))
+
+
+def render_results(path: Path, to_markdown) -> int:
+    """Rewrite the markdown tables of the result file ``path`` without measuring, and print them."""
+    markdown = to_markdown(json.loads(path.read_text()))
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    return 0
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

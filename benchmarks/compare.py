@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import sys
 from pathlib import Path
@@ -215,12 +214,13 @@ def to_markdown(payload: dict) -> str:
             for m in methods if m != "gradients"]
     parts += [common.markdown_table(["method"] + names, rows), ""]
 
-    parts += ["Largest relative error of H z against double backward in float64:", ""]
     paths_seen = []
     for r in results:
         for key in (r["accuracy"] or {}).get("relative_error", {}):
             if key not in paths_seen:
                 paths_seen.append(key)
+    if paths_seen:
+        parts += ["Largest relative error of H z against double backward in float64:", ""]
     rows = []
     for key in paths_seen:
         cells = []
@@ -231,7 +231,8 @@ def to_markdown(payload: dict) -> str:
             else:
                 cells.append(acc.get("failures", {}).get(key, "-"))
         rows.append([key] + cells)
-    parts += [common.markdown_table(["path"] + names, rows), ""]
+    if paths_seen:
+        parts += [common.markdown_table(["path"] + names, rows), ""]
 
     notes = []
     for r in results:
@@ -256,23 +257,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.render is not None:
-        markdown = to_markdown(json.loads(args.render.read_text()))
-        args.render.with_suffix(".md").write_text(markdown)
-        print(markdown)
-        return 0
+        return common.render_results(args.render, to_markdown)
 
     methods = selected_methods(args.methods)
     env = common.environment(args.device, args.threads)
     logger.info("%s", common.describe_machine(env))
 
-    payload = {"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "results": []}
+    payload = common.new_payload(env, args)
     stem = f"compare-{args.device.replace(':', '')}" + (f"-{args.tag}" if args.tag else "")
     for name in args.workloads:
         payload["results"].append(run_workload(name, methods, args))
         # Written after every workload, so an interrupted run keeps what it measured.
-        common.write_json(args.out / f"{stem}.json", payload)
-        (args.out / f"{stem}.md").write_text(to_markdown(payload))
+        common.save_results(payload, args.out, stem, to_markdown)
     print(to_markdown(payload))
     return 0
 

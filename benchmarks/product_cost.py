@@ -92,8 +92,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     env = common.environment(args.device, args.threads)
-    payload = {"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "results": []}
+    payload = common.new_payload(env, args)
     stem = f"product-cost-{args.device.replace(':', '')}"
 
     for name in args.workloads:
@@ -106,8 +105,7 @@ def main(argv=None) -> int:
             logger.info("%s: %s, chunk %s", name, method, chunk)
             records.append(common.run_in_child(spec, args.timeout))
         payload["results"].append({"workload": name, "records": records})
-        common.write_json(args.out / f"{stem}.json", payload)
-        (args.out / f"{stem}.md").write_text(to_markdown(payload))
+        common.save_results(payload, args.out, stem, to_markdown)
     print(to_markdown(payload))
     return 0
 

@@ -440,7 +440,7 @@ class HessianOperator:
         estimator needs, computed without holding ``H V``: each data
         batch's product with a chunk of columns is reduced to k numbers
         parameter by parameter and dropped. A trace over several data
-        batches then never holds a ``(P, k)`` result or running sum, which
+        batches then never keeps a ``(P, k)`` result or running sum, which
         saves one to two gradients' worth of memory on a large model. The
         products are the same as :meth:`matmat`'s, along the same path.
 
@@ -480,7 +480,7 @@ class HessianOperator:
         return out
 
     def _forward_check_fits(self) -> bool:
-        """Whether ``hvp="auto"`` may check forward-over-reverse on one column within the memory budget.
+        """Return whether ``hvp="auto"`` may check forward-over-reverse on one column within the memory budget.
 
         A forward-over-reverse product repeats the forward and backward
         pass with tangents, so on a large model one column can take more

@@ -111,7 +111,7 @@ def test_non_finite_forms_name_the_parameter():
         op.quadratic_forms(torch.ones(3, 2, dtype=torch.float64))
 
 
-def test_hutchinson_on_the_operator_equals_hutchinson_on_its_dense_matrix():
+def test_hutchinson_matches_dense_matrix():
     model, data = mlp_and_data()
     op = HessianOperator(model, F.cross_entropy, data)
     from_operator = hutch.hutchinson(op, 20, seed=11)
@@ -146,7 +146,7 @@ def test_hutchinson_uses_an_operators_quadratic_forms():
     assert estimate.value == pytest.approx(36.0, rel=1e-14)
 
 
-def test_quadratic_forms_of_a_wrong_shape_are_an_error():
+def test_wrong_shape_forms_raise():
     A = CountingOperator(torch.eye(4, dtype=torch.float64), forms=lambda V: torch.zeros(3))
     with pytest.raises(ValueError, match=r"CountingOperator.quadratic_forms returned \(3,\) for 2 columns; it must return a tensor of shape \(2,\)"):
         quadratic_forms(A, torch.ones(4, 2, dtype=torch.float64))
