@@ -209,3 +209,14 @@ def test_adaptive_hutchinson_calls_only_quadratic_forms():
     assert A.calls["quadratic_forms"] >= 1
     # A diagonal matrix has zero Rademacher variance: every term is the trace.
     assert estimate.value == pytest.approx(820.0, rel=1e-14)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_forms_on_cuda_match_the_cpu():
+    # On a GPU the reverse-over-reverse path batches its tangents with is_grads_batched.
+    model, (inputs, targets) = mlp_and_data()
+    V = columns(26, 4, seed=6)
+    expected = HessianOperator(model, F.cross_entropy, (inputs, targets)).quadratic_forms(V)
+    cuda = torch.device("cuda")
+    op = HessianOperator(model.to(cuda), F.cross_entropy, (inputs.to(cuda), targets.to(cuda)))
+    torch.testing.assert_close(op.quadratic_forms(V.to(cuda)).cpu(), expected, rtol=1e-10, atol=1e-12)
