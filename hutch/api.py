@@ -38,6 +38,7 @@ def trace(
     confidence: float = 0.95,
     max_matvecs: Optional[int] = None,
     min_samples: int = DEFAULT_MIN_SAMPLES,
+    memory_budget: Optional[int] = None,
 ) -> TraceEstimate:
     """Estimate the trace of the Hessian of ``loss_fn`` over ``data`` with respect to ``model``'s parameters.
 
@@ -80,6 +81,8 @@ def trace(
             1000.
         min_samples: Probe terms before a tolerance-driven run may stop;
             default 30.
+        memory_budget: Bytes of working memory for the products, as for
+            :class:`hutch.HessianOperator`; ``None`` uses its default.
 
     Returns:
         A :class:`hutch.TraceEstimate`.
@@ -95,7 +98,9 @@ def trace(
     adaptive = rtol is not None or atol is not None
     _check_mode(adaptive, method, num_matvecs, max_matvecs)
 
-    op = HessianOperator(model, loss_fn, data, params, reduction=reduction, batch_size=batch_size)
+    op = HessianOperator(
+        model, loss_fn, data, params, reduction=reduction, batch_size=batch_size, memory_budget=memory_budget
+    )
     options = {"generator": generator, "seed": seed}
     if distribution is not None:
         options["distribution"] = distribution

@@ -108,3 +108,15 @@ def test_default_budget_covers_small_model(model, data, exact):
     est = hutch.trace(model, F.cross_entropy, data, seed=0)
     assert est.exact
     assert est.value == pytest.approx(exact, rel=1e-12)
+
+
+def test_memory_budget_changes_cost_not_value(model, data):
+    # A one-byte budget drops the kept graph and the forward-mode check; the products are the same.
+    default = hutch.trace(model, F.cross_entropy, data, method="hutchinson", num_matvecs=12, seed=4)
+    tight = hutch.trace(model, F.cross_entropy, data, method="hutchinson", num_matvecs=12, seed=4, memory_budget=1)
+    assert tight.value == pytest.approx(default.value, rel=1e-12)
+
+
+def test_invalid_memory_budget_names_the_argument(model, data):
+    with pytest.raises(ValueError, match=r"memory_budget must be None or a positive int number of bytes; got 0"):
+        hutch.trace(model, F.cross_entropy, data, memory_budget=0)

@@ -217,3 +217,16 @@ def test_api_page_examples_pass_doctest():
 
     assert runner.tries > 0
     assert runner.failures == 0, "an example in docs/api.md failed; its report is in the captured output"
+
+
+def test_readme_snippets_run_in_sequence():
+    """The README's Python blocks, pasted one after the other, run and give finite estimates."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
+    # The low-memory block reuses the first block's data, so both estimate the same Hessian's trace.
+    assert namespace["est"].method == "hutchinson"
+    assert namespace["est"].num_matvecs == 100
+    assert torch.isfinite(torch.tensor(namespace["est"].value))
