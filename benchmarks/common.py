@@ -174,8 +174,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 def run_in_child(spec: dict, timeout: float, script: list[str] | None = None, extra_env: dict | None = None) -> dict:
     """Run one configuration in a fresh Python process and return its result record.
 
-    ``script`` is the command line after the interpreter, before the spec
-    (default: this module, whose ``child_main`` measures ``spec``); the
+    ``script`` is the command line between the interpreter and the spec. By
+    default it is this module, whose ``child_main`` measures ``spec``. The
     child prints its record on a line starting with ``RESULT_PREFIX``.
     """
     command = [sys.executable] + (script or [str(BENCH_DIR / "common.py")]) + [json.dumps(spec)]

@@ -29,8 +29,8 @@ On Linux, glibc keeps freed blocks below its mmap threshold for reuse, and
 raises that threshold as large blocks are freed, so the resident set also
 counts memory that no tensor holds. ``--malloc-mmap-threshold 65536`` fixes
 the threshold in every measuring process, so freed tensors go back to the
-operating system and the peak tracks live memory; the tables say which
-setting produced them.
+operating system and the peak tracks live memory; each table names the
+setting that produced it.
 """
 
 from __future__ import annotations

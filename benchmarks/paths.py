@@ -230,12 +230,12 @@ LOW_MEMORY_BUDGET_GRADIENTS = 5
 
 
 def hutch_low_memory(workload: Workload, num_matvecs: int, seed: int, chunk: int | None):
-    """``hvp="auto"`` with the data split into micro-batches and a budget of a few gradients.
+    """Run ``hvp="auto"`` with the data split into micro-batches and a budget of a few gradients.
 
     The budget stops the operator from keeping a gradient graph and from
-    checking forward-over-reverse on a first column, and the micro-batches
-    bound the activations of each product; the products are the same
-    Hessian's, since every workload is in eval mode with a mean loss.
+    checking forward-over-reverse on a first column. The micro-batches bound
+    the activations of each product. The Hessian is the same as with one
+    batch, because every workload is in eval mode with a mean loss.
     """
     size = -(-workload.inputs.shape[0] // LOW_MEMORY_MICRO_BATCHES)
     data = list(zip(workload.inputs.split(size), workload.targets.split(size)))

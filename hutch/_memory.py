@@ -87,7 +87,7 @@ def plan_memory(op, batch, budget: int) -> tuple[int, bool, bool]:
     A chunk gets what the budget leaves after the graph when the graph
     fits, and the whole budget otherwise; it is at least 1 probe, so a
     budget below one probe's needs still runs, one probe at a time. The
-    third value says whether a single forward-over-reverse product fits
+    third value tells whether a single forward-over-reverse product fits
     the budget at all.
     """
     itemsize = torch.empty((), dtype=op.dtype).element_size()

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from hutch.linop import quadratic_forms
+
 logger = logging.getLogger("hutch")
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -145,6 +147,13 @@ def chunked_matmat(A, V: torch.Tensor, batch_size: Optional[int]) -> torch.Tenso
     return torch.cat(
         [A.matmat(V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)], dim=1
     )
+
+
+def chunked_quadratic_forms(A, V: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Return ``v_i^T A v_i`` for the columns of ``V``, passing at most ``batch_size`` columns per call."""
+    if V.shape[1] == 0:
+        return torch.zeros(0, dtype=V.dtype, device=V.device)
+    return torch.cat([quadratic_forms(A, V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)])
 
 
 def begin_estimate(A, generator: torch.Generator) -> None:

@@ -15,12 +15,13 @@ from hutch._sampling import (
     check_batch_size,
     check_distribution,
     chunked_matmat,
+    chunked_quadratic_forms,
     operator_info,
     resolve_generator,
     sample_probes,
 )
 from hutch.exact import exact_estimate
-from hutch.linop import OperatorLike, as_linear_operator, quadratic_forms
+from hutch.linop import OperatorLike, as_linear_operator
 from hutch.result import TraceEstimate
 
 logger = logging.getLogger("hutch")
@@ -212,7 +213,7 @@ def run_adaptive(
 
         def draw_terms(count: int) -> torch.Tensor:
             Z = sample_probes(n, count, distribution, generator, A.dtype, A.device)
-            return _chunked_quadratic_forms(A, Z, step)
+            return chunked_quadratic_forms(A, Z, step)
 
     else:
         Q, offset, spent, sketch_info = _adaptive_sketch(
@@ -222,7 +223,7 @@ def run_adaptive(
         def draw_terms(count: int) -> torch.Tensor:
             G = sample_probes(n, count, distribution, generator, A.dtype, A.device)
             G = G - Q @ (Q.T @ G)
-            return _chunked_quadratic_forms(A, G, step)
+            return chunked_quadratic_forms(A, G, step)
 
     terms, status = _sample_until(draw_terms, offset, max_matvecs - spent, n, stop)
     count = terms.numel()
@@ -427,10 +428,3 @@ def _check_count(value, name: str, minimum: int) -> None:
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name}={value} is below the minimum of {minimum}; raise {name}")
-
-
-def _chunked_quadratic_forms(A, V: torch.Tensor, step: int) -> torch.Tensor:
-    """Return ``v_i^T A v_i`` for the columns of ``V``, at most ``step`` columns per call."""
-    if V.shape[1] == 0:
-        return torch.zeros(0, dtype=V.dtype, device=V.device)
-    return torch.cat([quadratic_forms(A, V[:, i : i + step]) for i in range(0, V.shape[1], step)])

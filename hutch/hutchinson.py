@@ -89,7 +89,7 @@ def hutchinson(
     # Each block of probes is drawn, multiplied and reduced to its terms
     # z_i^T A z_i, so only one (n, step) block is alive at a time. An
     # operator with quadratic_forms reduces the products itself and never
-    # holds A Z.
+    # keeps A Z.
     for start in range(0, num_matvecs, step):
         Z = sample_probes(n, min(step, num_matvecs - start), distribution, generator, A.dtype, A.device)
         terms.append(quadratic_forms(A, Z))

@@ -110,10 +110,21 @@ def test_default_budget_covers_small_model(model, data, exact):
     assert est.value == pytest.approx(exact, rel=1e-12)
 
 
-def test_memory_budget_changes_cost_not_value(model, data):
-    # A one-byte budget drops the kept graph and the forward-mode check; the products are the same.
+def test_memory_budget_reaches_the_operator(model, data, monkeypatch):
+    built = []
+
+    class Recording(hutch.HessianOperator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(hutch.api, "HessianOperator", Recording)
     default = hutch.trace(model, F.cross_entropy, data, method="hutchinson", num_matvecs=12, seed=4)
     tight = hutch.trace(model, F.cross_entropy, data, method="hutchinson", num_matvecs=12, seed=4, memory_budget=1)
+    assert built[0].memory_budget is None
+    assert built[1].memory_budget == 1
+    # A one-byte budget drops the kept graph and the forward-mode check, but not the products.
+    assert built[1].batch_size == 1
     assert tight.value == pytest.approx(default.value, rel=1e-12)
 
 

@@ -171,7 +171,7 @@ def mse_model_and_data():
     return model, (inputs, targets), lambda out, y: F.mse_loss(out[:, 0], y)
 
 
-def test_auto_skips_the_forward_check_when_one_product_exceeds_the_budget():
+def test_auto_skips_forward_check_under_budget():
     model, data, loss_fn = mse_model_and_data()
     op = HessianOperator(model, loss_fn, data, memory_budget=1)
     # Forward mode fails on MSE in torch 2.13; without the check there is no attempt to warn about.
@@ -184,7 +184,7 @@ def test_auto_skips_the_forward_check_when_one_product_exceeds_the_budget():
     torch.testing.assert_close(H, (2.0 / 8.0) * X.T @ X, rtol=1e-12, atol=1e-14)
 
 
-def test_auto_checks_forward_mode_when_the_budget_allows():
+def test_auto_checks_forward_mode_by_default():
     model, data, loss_fn = mse_model_and_data()
     op = HessianOperator(model, loss_fn, data)
     with pytest.warns(HVPFallbackWarning, match="mse_loss"):
